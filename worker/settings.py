@@ -1,0 +1,115 @@
+"""The one typed settings object: read from the environment (and `.env`) once; nothing else reads os.environ."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Celery (kombu's Redis transport) redelivers an unacked message once it has been reserved this long. Every
+# countdown or ETA the project sets stays below half of it (asserted in worker.celery_app), so a scheduled task is
+# never delivered twice just because it waited.
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or malformed. The message names each variable and its rule, never a value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False, frozen=True
+    )
+
+    # UpesiPay
+    upesipay_base_url: AnyHttpUrl
+    upesipay_auth_token: SecretStr
+    upesipay_channel_id: int = Field(gt=0)
+    # The guard and the ledger are per UpesiPay account; one deployment serves one account unless told otherwise.
+    upesipay_account: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    upesipay_connect_timeout_s: float = Field(default=5.0, gt=0)
+    # A read timeout after the request was sent makes the payment UNKNOWN (never resent blindly), so it is
+    # generous: UpesiPay answers 201 before the customer sees the prompt.
+    upesipay_read_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Infrastructure
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "sqlite:///stkpush.db"
+    visibility_timeout_s: int = Field(default=DEFAULT_VISIBILITY_TIMEOUT_S, ge=60)
+
+    # Callbacks
+    callback_base_url: AnyHttpUrl
+    callback_secret: SecretStr = Field(min_length=16)
+
+    # Payment rules
+    amount_min: int = Field(default=1, ge=1)
+    amount_max: int = Field(default=150_000, ge=1)
+    send_max_attempts: int = Field(default=5, ge=1, le=20)
+    send_backoff_base_s: float = Field(default=2.0, gt=0)
+    send_backoff_cap_s: float = Field(default=300.0, gt=0)
+
+    # The guard (DESIGN.md, "The guard"); defaults are UpesiPay's documented limits.
+    phone_streak_limit: int = Field(default=10, ge=1)
+    phone_cooldown_s: int = Field(default=24 * 3600, ge=1)
+    phone_max_inflight: int = Field(default=1, ge=1)
+    account_failure_limit: int = Field(default=50, ge=1)
+    account_window_s: int = Field(default=6 * 3600, ge=1)
+
+    # HTTP producer API keys (comma separated); empty disables the producer endpoints.
+    api_keys: SecretStr = SecretStr("")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Settings:
+        if self.amount_min > self.amount_max:
+            raise ValueError("AMOUNT_MIN must not exceed AMOUNT_MAX")
+        if self.send_backoff_cap_s * 2 > self.visibility_timeout_s:
+            raise ValueError("SEND_BACKOFF_CAP_S must be at most half of VISIBILITY_TIMEOUT_S")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url.startswith("postgresql://"):
+            return "postgresql+psycopg://" + self.database_url.removeprefix("postgresql://")
+        return self.database_url
+
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        name = loc[0].upper() if loc else "settings"
+        rule = "is required" if item["type"] == "missing" else item["msg"]
+        lines.append(f"  {name}: {rule}")
+    return "invalid stkpush settings:\n" + "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning pydantic's error into one that names each bad variable (no values)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
