@@ -38,3 +38,42 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+def _unavailable(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but does not answer")
+    pytest.skip(f"{what} does not answer (required only in CI)")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A private schema in the `test` database, dropped at the end; the URL selects it via search_path."""
+    import secrets
+
+    import psycopg
+
+    base = os.environ.get("STKPUSH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        connection = psycopg.connect(base, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        _unavailable("PostgreSQL")
+        raise
+    schema = f"stkpush_test_{secrets.token_hex(4)}"
+    connection.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        connection.close()
+
+
+@pytest.fixture
+def shared_redis_url() -> str:
+    """The machine's shared Redis: used only under a private key prefix, for tests that prove we leave no litter."""
+    from worker.embedded import redis_answers
+
+    url = os.environ.get("STKPUSH_TEST_SHARED_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if not redis_answers(url):
+        _unavailable("the shared Redis")
+    return url
