@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, UniqueConstraint, event, update
 from sqlalchemy.engine import make_url
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 
 class PaymentState(StrEnum):
@@ -84,6 +84,35 @@ class Payment(SQLModel, table=True):
     settled_at: datetime | None = None
 
 
+class BatchState(StrEnum):
+    INGESTING = "INGESTING"  # rows are being read and recorded
+    INGESTED = "INGESTED"  # every good row recorded and queued (bad rows in the rejects file)
+    ABORTED = "ABORTED"  # --all-or-nothing found a bad row: nothing recorded
+    FAILED = "FAILED"  # ingestion stopped on an error (unreadable file, say); `error` says why
+
+
+class Batch(SQLModel, table=True):
+    """One bulk invoice file. Its payments carry `batch_id`; counts by state come from them."""
+
+    __tablename__ = "batch"
+
+    id: str = Field(default_factory=new_payment_id, primary_key=True, max_length=32)
+    account: str = Field(max_length=64, index=True)
+    source_name: str = Field(max_length=255)  # the file's base name, for operators
+    state: BatchState = Field(default=BatchState.INGESTING, max_length=16)
+    all_or_nothing: bool = False
+    rows_total: int = 0
+    rows_recorded: int = 0
+    rows_rejected: int = 0  # bad rows, listed in the rejects file
+    rows_skipped: int = 0  # already recorded by an earlier run with the same details
+    rows_conflicting: int = 0  # reference reused with other details
+    amount_requested: int = 0
+    error: str | None = Field(default=None, max_length=500)
+    rejects_path: str | None = Field(default=None, max_length=1024)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    finished_at: datetime | None = None
+
+
 def make_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
@@ -141,7 +170,7 @@ def transition(
         values["settled_at"] = values["updated_at"]
     statement = (
         update(Payment)
-        .where(Payment.id == payment_id, Payment.state.in_(allowed))  # type: ignore[attr-defined]
+        .where(col(Payment.id) == payment_id, col(Payment.state).in_(allowed))
         .values(**values)
     )
     with engine.begin() as connection:
@@ -153,7 +182,7 @@ def mark(engine: Engine, payment_id: str, **fields: Any) -> None:
     """Set bookkeeping fields that carry no state change (queued_at, for example)."""
     with engine.begin() as connection:
         connection.execute(
-            update(Payment).where(Payment.id == payment_id).values(updated_at=utcnow(), **fields)  # type: ignore[arg-type]
+            update(Payment).where(col(Payment.id) == payment_id).values(updated_at=utcnow(), **fields)
         )
 
 

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
 
     # Infrastructure
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix for every broker key (kombu's global_keyprefix): lets a demo or test share a Redis it did not
+    # create and remove exactly its own keys afterwards. Empty in production.
+    redis_key_prefix: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
     database_url: str = "sqlite:///stkpush.db"
     visibility_timeout_s: int = Field(default=DEFAULT_VISIBILITY_TIMEOUT_S, ge=60)
 
@@ -49,6 +52,19 @@ class Settings(BaseSettings):
     send_max_attempts: int = Field(default=5, ge=1, le=20)
     send_backoff_base_s: float = Field(default=2.0, gt=0)
     send_backoff_cap_s: float = Field(default=300.0, gt=0)
+
+    # Dispatcher and settlement (beat)
+    dispatch_interval_s: float = Field(default=2.0, gt=0, le=300)
+    # A queued PENDING row older than this has lost its message (Redis restarted without AOF, say): queue again.
+    requeue_after_s: int = Field(default=900, ge=10)
+    # A SENDING row older than this belongs to a dead worker (the hard task time limit is 150 s).
+    stuck_sending_after_s: int = Field(default=300, ge=10)
+    # AWAITING_CALLBACK this long without a callback: ask transaction-status. M-Pesa prompts time out in ~1 min.
+    settle_after_s: int = Field(default=180, ge=1)
+    # UNKNOWN rows are asked about after this long (the provider needs a moment to record the request).
+    settle_unknown_after_s: int = Field(default=20, ge=1)
+    # Still unsettled after this long (no status, no callback): counted as FAILED for the guard and the ledger.
+    settle_give_up_s: int = Field(default=3 * 3600, ge=60)
 
     # The guard (DESIGN.md, "The guard"); defaults are UpesiPay's documented limits.
     phone_streak_limit: int = Field(default=10, ge=1)

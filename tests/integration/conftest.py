@@ -1,0 +1,69 @@
+"""The integration stack: real Redis, the sandbox over HTTP, the web app over HTTP, real `celery worker` and
+`celery beat` processes, a SQLite ledger in a temporary folder. One per session; every process stopped after."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from worker.embedded import EmbeddedRedis
+from worker.ledger import TERMINAL_STATES, Payment, PaymentState
+from worker.stack import Stack
+
+# Phones with a fixed outcome in the integration scenario (the sandbox's names).
+PHONE_SUCCESS = "0700100001"
+PHONE_CANCELLED = "0700100002"
+PHONE_INSUFFICIENT = "0700100003"
+PHONE_REJECTED = "0700100004"
+PHONE_NO_CALLBACK = "0700100005"
+PHONE_WRONG_PIN = "0700100006"
+
+SCENARIO = {
+    "seed": 11,
+    "callback_delay_s": 0.2,
+    "default": "success",
+    "phones": {
+        PHONE_SUCCESS: "success",
+        PHONE_CANCELLED: "cancelled",
+        PHONE_INSUFFICIENT: "insufficient",
+        PHONE_REJECTED: "reject",
+        PHONE_NO_CALLBACK: "no_callback",
+        PHONE_WRONG_PIN: "wrong_pin",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: EmbeddedRedis) -> Iterator[Stack]:
+    saved = dict(os.environ)
+    # Database 1 of the suite's private Redis, under a private key prefix: other tests flush database 0.
+    with Stack(redis_url=redis_server.url.rsplit("/", 1)[0] + "/1", scenario=json.dumps(SCENARIO)) as running:
+        running.activate()
+        yield running
+    os.environ.clear()
+    os.environ.update(saved)
+    from worker import runtime
+
+    runtime.reset()
+
+
+@pytest.fixture
+def wait_for_state() -> Callable[..., Payment]:
+    from worker import runtime
+    from worker.ledger import get_payment
+
+    def wait(payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 30) -> Payment:
+        deadline = time.monotonic() + timeout_s
+        payment = get_payment(runtime.engine(), payment_id)
+        while time.monotonic() < deadline:
+            payment = get_payment(runtime.engine(), payment_id)
+            if payment is not None and payment.state in states:
+                return payment
+            time.sleep(0.1)
+        raise AssertionError(f"payment {payment_id} still {payment.state if payment else None} after {timeout_s}s")
+
+    return wait

@@ -1,0 +1,249 @@
+"""DESIGN.md's responses table, row by row: the real send path (claim, guard on a real Redis, UpesiPay client)
+with UpesiPay's answers injected through httpx's transport seam. No broker: the task's publishing is not here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from worker import runtime
+from worker.guard import Outcome
+from worker.ledger import Payment, PaymentState, create_schema, get_payment, session_scope
+from worker.sending import SendResult, send_payment
+from worker.settlement import ASSUMED_FAILURE, settle_from_status
+from worker.upesipay import StatusResult, TransactionStatus, UpesiPayClient
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Provider:
+    """What UpesiPay answers, swappable per test; counts the pushes that reached it."""
+
+    def __init__(self) -> None:
+        self.pushes: list[httpx.Request] = []
+        self.handler: Handler = accepted
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.pushes.append(request)
+        return self.handler(request)
+
+
+def accepted(_request: httpx.Request) -> httpx.Response:
+    return httpx.Response(
+        201,
+        json={"success": True, "status": "QUEUED", "reference": "E8UWT7CLUW", "CheckoutRequestID": "ws_CO_1"},
+    )
+
+
+@pytest.fixture
+def provider(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str) -> Iterator[Provider]:
+    for name, value in {
+        "UPESIPAY_BASE_URL": "http://upesipay.test",
+        "UPESIPAY_AUTH_TOKEN": "tok_unit_secret",
+        "UPESIPAY_CHANNEL_ID": "2133",
+        "UPESIPAY_ACCOUNT": "unit",
+        "CALLBACK_BASE_URL": "http://callbacks.test",
+        "CALLBACK_SECRET": "unit-callback-secret-0123",
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "SEND_MAX_ATTEMPTS": "3",
+    }.items():
+        monkeypatch.setenv(name, value)
+    runtime.reset()
+    create_schema(runtime.engine())
+    fake = Provider()
+    client = UpesiPayClient("http://upesipay.test", "tok_unit_secret", transport=httpx.MockTransport(fake))
+    monkeypatch.setattr(runtime, "upesipay", lambda: client)
+    yield fake
+    client.close()
+    monkeypatch.undo()
+    runtime.reset()
+
+
+def new_payment(reference: str = "INV-1", phone: str = "254712345678") -> Payment:
+    payment = Payment(account="unit", external_reference=reference, phone=phone, amount=100, channel_id=2133)
+    with session_scope(runtime.engine()) as session:
+        session.add(payment)
+        session.commit()
+    return payment
+
+
+def reload(payment: Payment) -> Payment:
+    stored = get_payment(runtime.engine(), payment.id)
+    assert stored is not None
+    return stored
+
+
+def test_201_awaits_the_callback_and_holds_the_reservation(provider: Provider) -> None:
+    payment = new_payment()
+    assert send_payment(payment.id) == (SendResult.ACCEPTED, None)
+    stored = reload(payment)
+    assert stored.state == PaymentState.AWAITING_CALLBACK
+    assert (stored.provider_reference, stored.checkout_request_id) == ("E8UWT7CLUW", "ws_CO_1")
+    assert runtime.guard().phone_snapshot(payment.phone).in_flight == 1
+    body = provider.pushes[0].read()
+    assert b'"phone_number": "0712345678"' in body and b"/callbacks/upesipay/" + payment.id.encode() in body
+
+
+def test_a_second_delivery_of_the_same_message_sends_nothing(provider: Provider) -> None:
+    payment = new_payment()
+    send_payment(payment.id)
+    assert send_payment(payment.id) == (SendResult.NOT_CLAIMABLE, None)
+    assert len(provider.pushes) == 1
+
+
+def test_400_is_rejected_without_retry_and_counted_as_a_failure(provider: Provider) -> None:
+    provider.handler = lambda _r: httpx.Response(400, json={"error_message": "Invalid request"})
+    payment = new_payment()
+    assert send_payment(payment.id) == (SendResult.REJECTED, None)
+    stored = reload(payment)
+    assert stored.state == PaymentState.REJECTED and "Invalid request" in (stored.provider_response or "")
+    account = runtime.guard().account_snapshot()
+    assert (account.failures_in_window, account.in_flight) == (1, 0)
+
+
+def test_credentials_refused_pauses_every_send_without_consuming_attempts(provider: Provider) -> None:
+    provider.handler = lambda _r: httpx.Response(401, json={"error_message": "Unauthenticated"})
+    first, second = new_payment("A"), new_payment("B", phone="254712345679")
+    assert send_payment(first.id)[0] == SendResult.PAUSED
+    assert send_payment(second.id)[0] == SendResult.PAUSED
+    assert len(provider.pushes) == 1  # the second never reached UpesiPay: the pause held it
+    for payment in (first, second):
+        stored = reload(payment)
+        assert stored.state == PaymentState.DEFERRED and stored.attempts == 0 and stored.next_attempt_at
+    assert runtime.guard().account_snapshot().in_flight == 0
+
+
+def test_429_defers_until_retry_after_and_restricts_the_account(provider: Provider) -> None:
+    provider.handler = lambda _r: httpx.Response(
+        429, headers={"Retry-After": "120"}, json={"error_message": "Account restricted by abuse protection"}
+    )
+    payment = new_payment()
+    assert send_payment(payment.id)[0] == SendResult.DEFERRED
+    stored = reload(payment)
+    assert stored.state == PaymentState.DEFERRED and stored.attempts == 0
+    assert stored.next_attempt_at is not None
+    wait = (stored.next_attempt_at - stored.updated_at).total_seconds()
+    assert 119 <= wait <= 121
+    account = runtime.guard().account_snapshot()
+    assert account.restricted_until is not None and account.in_flight == 0
+
+
+def test_429_naming_the_phone_blocks_only_that_number(provider: Provider) -> None:
+    provider.handler = lambda _r: httpx.Response(
+        429, headers={"Retry-After": "600"}, json={"error_message": "STK push blocked for this phone number"}
+    )
+    payment = new_payment()
+    send_payment(payment.id)
+    assert runtime.guard().phone_snapshot(payment.phone).blocked_until is not None
+    assert runtime.guard().account_snapshot().restricted_until is None
+
+
+def test_connection_failure_goes_back_to_pending_with_backoff_then_fails_after_max_attempts(
+    provider: Provider,
+) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    provider.handler = refuse
+    payment = new_payment()
+    result, retry = send_payment(payment.id)
+    assert result == SendResult.RETRY and retry is not None and 0 < retry.countdown_s <= 300
+    stored = reload(payment)
+    assert stored.state == PaymentState.PENDING and stored.attempts == 1
+    assert runtime.guard().account_snapshot().in_flight == 0  # reservation released: nothing was sent
+    send_payment(payment.id)
+    assert send_payment(payment.id) == (SendResult.GAVE_UP, None)
+    stored = reload(payment)
+    assert stored.state == PaymentState.FAILED and "after 3 attempts" in (stored.reason or "")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda r: (_ for _ in ()).throw(httpx.ReadTimeout("timed out", request=r)),
+        lambda r: (_ for _ in ()).throw(httpx.RemoteProtocolError("reset", request=r)),
+        lambda _r: httpx.Response(502, text="bad gateway"),
+    ],
+    ids=["read-timeout", "reset-after-sending", "5xx"],
+)
+def test_an_ambiguous_answer_is_unknown_and_never_resent_blindly(provider: Provider, answer: Handler) -> None:
+    provider.handler = answer
+    payment = new_payment()
+    assert send_payment(payment.id) == (SendResult.UNKNOWN, None)
+    assert reload(payment).state == PaymentState.UNKNOWN
+    assert runtime.guard().account_snapshot().in_flight == 1  # held until settlement
+    assert send_payment(payment.id) == (SendResult.NOT_CLAIMABLE, None)
+    assert len(provider.pushes) == 1
+
+
+def test_guard_refusal_defers_with_its_reason_and_uses_no_attempt(provider: Provider) -> None:
+    busy = new_payment("A")
+    send_payment(busy.id)  # in flight on the number
+    waiting = new_payment("B")
+    assert send_payment(waiting.id)[0] == SendResult.DEFERRED
+    stored = reload(waiting)
+    assert (
+        stored.state == PaymentState.DEFERRED
+        and stored.reason == "guard: phone_busy"
+        and stored.attempts == 0
+    )
+    assert len(provider.pushes) == 1
+
+
+def test_redis_down_fails_closed_and_sends_nothing(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    monkeypatch.setattr(runtime, "redis_client", lambda: dead)
+    runtime.guard.cache_clear()
+    runtime.credentials_pause.cache_clear()
+    payment = new_payment()
+    assert send_payment(payment.id)[0] in {SendResult.DEFERRED, SendResult.PAUSED}
+    assert reload(payment).state == PaymentState.DEFERRED
+    assert provider.pushes == []
+
+
+def test_status_settlement_then_late_success_takes_back_an_assumed_failure(provider: Provider) -> None:
+    payment = new_payment()
+    send_payment(payment.id)
+    monkey_old = reload(payment)
+    # Given no outcome for longer than the give-up time
+    from datetime import timedelta
+
+    from worker.ledger import mark
+
+    mark(runtime.engine(), payment.id, sent_at=monkey_old.sent_at - timedelta(hours=4))  # type: ignore[operator]
+    queued = StatusResult(TransactionStatus.QUEUED, "E8UWT7CLUW", None, None, None, "queued", None)
+    assert settle_from_status(reload(payment), queued) == "gave-up"
+    stored = reload(payment)
+    assert stored.state == PaymentState.FAILED and (stored.reason or "").startswith(ASSUMED_FAILURE)
+    assert runtime.guard().account_snapshot().failures_in_window == 1
+    # When the success finally arrives
+    from worker.settlement import finish
+
+    assert finish(stored, PaymentState.SUCCEEDED, receipt="SAE3YULR0Y")
+    assert reload(payment).state == PaymentState.SUCCEEDED
+    assert runtime.guard().account_snapshot().failures_in_window == 0
+
+
+def test_unknown_with_no_trace_at_upesipay_is_sent_again(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider.handler = lambda _r: httpx.Response(503, text="unavailable")
+    payment = new_payment()
+    send_payment(payment.id)
+    published: list[str] = []
+    monkeypatch.setattr("worker.dispatch.publish_payment", lambda pid, **_kw: published.append(pid) or True)
+    missing = StatusResult(TransactionStatus.NOT_FOUND, None, None, None, None, "no such request", None)
+    assert settle_from_status(reload(payment), missing) == "resent"
+    assert reload(payment).state == PaymentState.PENDING and published == [payment.id]
+    assert runtime.guard().account_snapshot().in_flight == 0
+
+
+def test_guard_outcome_names_match_the_design() -> None:
+    assert {o.value for o in Outcome} == {"success", "failure", "released"}

@@ -1,0 +1,67 @@
+"""The Celery app. Its configuration is derived from the settings object, and its invariants asserted here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue  # type: ignore[attr-defined]
+
+from worker.settings import Settings, get_settings
+
+SINGLE_QUEUE = "single"  # payments from web apps: dispatched ahead of bulk batches
+BULK_QUEUE = "bulk"
+MAINTENANCE_QUEUE = "maintenance"  # beat's dispatcher and settlement: never stuck behind a payment backlog
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    visibility = settings.visibility_timeout_s
+    # Every countdown we schedule must be delivered once: kombu's Redis transport redelivers a message still
+    # unacked after visibility_timeout, so nothing may wait longer than half of it.
+    assert settings.send_backoff_cap_s <= visibility / 2, "backoff cap must stay below visibility_timeout / 2"
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": visibility,
+        # BRPOP checks queues in the order the worker lists them: single before bulk, so a waiting batch never
+        # starves a web app's payment.
+        "queue_order_strategy": "priority",
+    }
+    if settings.redis_key_prefix:
+        transport_options["global_keyprefix"] = settings.redis_key_prefix
+    config: dict[str, Any] = {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": {"visibility_timeout": visibility},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        # A message is acknowledged only after the task returns, and a worker that dies mid-task gives its
+        # message back: the task's conditional claim makes the redelivery harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_queues": [Queue(SINGLE_QUEUE), Queue(BULK_QUEUE), Queue(MAINTENANCE_QUEUE)],
+        "task_default_queue": SINGLE_QUEUE,
+        "task_routes": {"stkpush.dispatch.*": {"queue": MAINTENANCE_QUEUE}},
+        "task_soft_time_limit": 120,
+        "task_time_limit": 150,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "timezone": "UTC",
+    }
+    assert config["worker_prefetch_multiplier"] == 1 and config["task_acks_late"]
+    return config
+
+
+def build_app(settings: Settings) -> Celery:
+    celery = Celery("stkpush", include=["worker.tasks"])
+    celery.conf.update(celery_config(settings))
+    from worker.schedule import beat_schedule
+
+    celery.conf.beat_schedule = beat_schedule(settings)
+    return celery
+
+
+app = build_app(get_settings())

@@ -1,0 +1,178 @@
+"""The `stkpush` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from worker.phones import mask_phone
+from worker.settings import SettingsError
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class SettingsAwareGroup(click.Group):
+    """Settings problems end the command with the message naming each variable, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SettingsError as error:
+            fail(str(error))
+
+
+@click.group(cls=SettingsAwareGroup)
+def main() -> None:
+    """stkpush: M-Pesa STK push payments through UpesiPay, in the background, inside the abuse limits."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def web(host: str, port: int) -> None:
+    """Serve the callback receiver, the payments API and /healthz."""
+    import uvicorn
+
+    from worker import runtime
+
+    runtime.settings()  # fail now, naming the variable, rather than inside a request
+    uvicorn.run("worker.web:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@main.command()
+@click.option("--amount", required=True, type=int, help="Whole shillings.")
+@click.option("--phone", "phone_number", required=True, help="Kenyan mobile number, any common form.")
+@click.option("--reference", "external_reference", default=None, help="Your unique reference (e.g. INV-009).")
+@click.option("--name", "customer_name", default=None)
+@click.option("--channel-id", type=int, default=None)
+def enqueue(
+    amount: int,
+    phone_number: str,
+    external_reference: str | None,
+    customer_name: str | None,
+    channel_id: int | None,
+) -> None:
+    """Record one payment and queue its STK push (idempotent per reference)."""
+    from producers import PaymentConflictError, PaymentValidationError, enqueue_payment
+
+    try:
+        handle = enqueue_payment(amount, phone_number, external_reference, customer_name, channel_id)
+    except PaymentValidationError as error:
+        fail(str(error))
+        return
+    except PaymentConflictError as error:
+        fail(str(error), code=3)
+        return
+    click.echo(
+        json.dumps(
+            {
+                "id": handle.id,
+                "external_reference": handle.external_reference,
+                "state": handle.state.value,
+                "queued": handle.queued,
+                "created": handle.created,
+                "note": handle.note,
+            }
+        )
+    )
+
+
+@main.command()
+@click.argument("external_reference")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(external_reference: str, as_json: bool) -> None:
+    """Show one payment by its external reference."""
+    from worker import runtime
+    from worker.ledger import find_by_reference
+    from worker.web import payment_view
+
+    payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
+    if payment is None:
+        fail("no payment with that external_reference", code=1)
+        return
+    view = payment_view(payment)
+    if as_json:
+        click.echo(json.dumps(view))
+        return
+    for key, value in view.items():
+        click.echo(f"{key:>20}: {value}")
+
+
+@main.command()
+@click.argument("phone", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def guard(phone: str | None, as_json: bool) -> None:
+    """Show the guard's view of the account, or of one number (always masked)."""
+    from dataclasses import asdict
+
+    from worker import runtime
+    from worker.phones import PhoneNumberError, normalise_phone
+
+    snapshot: dict[str, Any] = {"account": asdict(runtime.guard().account_snapshot())}
+    if phone:
+        try:
+            canonical = normalise_phone(phone)
+        except PhoneNumberError as error:
+            fail(f"PHONE: {error}")
+            return
+        phone_view = asdict(runtime.guard().phone_snapshot(canonical))
+        phone_view["phone"] = mask_phone(canonical)
+        snapshot["phone"] = phone_view
+    if as_json:
+        click.echo(json.dumps(snapshot, default=str))
+        return
+    for section, values in snapshot.items():
+        click.echo(f"[{section}]")
+        for key, value in values.items():
+            click.echo(f"  {key:>22}: {value}")
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Create or upgrade the ledger's tables."""
+    from worker import runtime
+    from worker.ledger import create_schema
+
+    create_schema(runtime.engine())
+    click.echo("database is up to date")
+
+
+@main.command()
+@click.option("--payments", default=12, show_default=True, help="How many sample payments to push.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary instead of a table.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for payments to settle.")
+def demo(payments: int, as_json: bool, timeout: float) -> None:
+    """Start everything on this machine, push a sample batch with mixed outcomes, print what happened.
+
+    Starts (and afterwards stops) Redis if REDIS_URL does not answer, the UpesiPay sandbox, the web app, a
+    worker and beat, with a SQLite ledger in a temporary folder. Leaves nothing running.
+    """
+    from worker.demo import run_demo
+
+    summary = run_demo(payments=payments, timeout_s=timeout, echo=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    sys.exit(0 if summary["all_settled"] else 1)
+
+
+def _register_sandbox() -> None:
+    from worker.sandbox_cli import sandbox_command
+
+    main.add_command(sandbox_command, name="sandbox")
+
+
+_register_sandbox()
+
+if __name__ == "__main__":
+    main()

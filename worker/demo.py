@@ -1,0 +1,122 @@
+"""`stkpush demo`: the whole pipeline on this machine, with a sample of payments whose outcomes are known."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.ledger import TERMINAL_STATES, Payment, PaymentState, count_by_state, session_scope
+from worker.phones import mask_phone, normalise_phone
+from worker.stack import Stack
+
+
+class DemoEnvironment(BaseSettings):
+    """The demo reads one thing from the environment: a Redis to use (under a private prefix) if it answers."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class SamplePhone:
+    phone: str
+    outcome: str  # the sandbox scenario's outcome name for this number
+    expected: PaymentState
+
+
+# One number per outcome, so the table shows each way a payment can end.
+SAMPLE_PHONES = (
+    SamplePhone("0700000101", "success", PaymentState.SUCCEEDED),
+    SamplePhone("0700000102", "success", PaymentState.SUCCEEDED),
+    SamplePhone("0700000103", "cancelled", PaymentState.CANCELLED),
+    SamplePhone("0700000104", "insufficient", PaymentState.FAILED),
+    SamplePhone("0700000105", "wrong_pin", PaymentState.FAILED),
+    SamplePhone("0700000106", "timeout", PaymentState.FAILED),
+    SamplePhone("0700000107", "no_callback", PaymentState.FAILED),  # settled by transaction-status
+    SamplePhone("0700000108", "reject", PaymentState.REJECTED),
+    SamplePhone("0700000109", "success", PaymentState.SUCCEEDED),
+)
+
+
+def demo_scenario(seed: int = 7) -> str:
+    phones = {normalise_phone(sample.phone): {"outcome": sample.outcome} for sample in SAMPLE_PHONES}
+    return json.dumps(
+        {"seed": seed, "callback_delay_s": 0.3, "default": {"outcomes": {"success": 1.0}}, "phones": phones}
+    )
+
+
+def _rows(stack: Stack) -> list[Payment]:
+    from worker import runtime
+
+    with session_scope(runtime.engine()) as session:
+        from sqlmodel import col, select
+
+        return list(session.exec(select(Payment).order_by(col(Payment.created_at))).all())
+
+
+def run_demo(*, payments: int, timeout_s: float, echo: Callable[[str], Any] | None) -> dict[str, Any]:
+    say = echo or (lambda _text: None)
+    started = time.monotonic()
+    environment = DemoEnvironment()
+    with Stack(redis_url=environment.redis_url, scenario=demo_scenario()) as stack:
+        say(
+            f"stack up in {time.monotonic() - started:.1f}s: sandbox {stack.sandbox_url}, web {stack.web_url}, "
+            f"redis {'embedded' if stack.embedded else 'shared (private key prefix)'}"
+        )
+        stack.activate()
+        from producers import enqueue_payment
+        from worker import runtime
+
+        for index in range(payments):
+            sample = SAMPLE_PHONES[index % len(SAMPLE_PHONES)]
+            enqueue_payment(
+                amount=10 + index, phone_number=sample.phone, external_reference=f"DEMO-{index + 1:04d}"
+            )
+        say(f"enqueued {payments} payments; waiting for them to settle ...")
+        deadline = time.monotonic() + timeout_s
+        counts = count_by_state(runtime.engine())
+        while time.monotonic() < deadline:
+            counts = count_by_state(runtime.engine())
+            if sum(counts[state.value] for state in TERMINAL_STATES) >= payments:
+                break
+            time.sleep(0.5)
+        rows = _rows(stack)
+        stats = stack.sandbox_stats()
+        account = runtime.guard().account_snapshot()
+        summary: dict[str, Any] = {
+            "payments": payments,
+            "counts": {state: count for state, count in counts.items() if count},
+            "all_settled": sum(counts[state.value] for state in TERMINAL_STATES) >= payments,
+            "sandbox": stats,
+            "guard": {
+                "failures_in_window": account.failures_in_window,
+                "in_flight": account.in_flight,
+                "headroom": account.headroom,
+                "restricted_until": account.restricted_until,
+            },
+            "elapsed_s": round(time.monotonic() - started, 2),
+        }
+        say("")
+        say(f"{'reference':<12} {'phone':<13} {'amount':>6}  {'state':<18} detail")
+        for row in rows:
+            detail = row.receipt or row.reason or ""
+            say(
+                f"{row.external_reference:<12} {mask_phone(row.phone):<13} {row.amount:>6}  {row.state.value:<18} "
+                f"{detail[:60]}"
+            )
+        say("")
+        say("by state: " + ", ".join(f"{state} {count}" for state, count in summary["counts"].items()))
+        say(
+            f"sandbox: {stats.get('pushes_total')} pushes, abuse-rule triggers {stats.get('rule_triggers_total')}"
+        )
+        say(
+            f"guard: {account.failures_in_window} failures in the window, {account.in_flight} in flight, "
+            f"headroom {account.headroom}"
+        )
+        say(f"elapsed {summary['elapsed_s']}s; everything stopped")
+    return summary

@@ -1,0 +1,33 @@
+"""Celery tasks: thin. Each loads, decides through one module, and records. Arguments are ids, never personal data."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from worker import dispatch
+from worker.sending import send_payment
+
+
+@shared_task(name="stkpush.stk_push", acks_late=True, ignore_result=True)
+def stk_push(payment_id: str) -> str:
+    result, retry = send_payment(payment_id)
+    if retry is not None:
+        # A fresh message rather than self.retry(): the payment is already back in PENDING, so whichever message
+        # arrives first claims it and any duplicate finds nothing to do.
+        dispatch.publish_payment(payment_id, countdown_s=retry.countdown_s)
+    return result.value
+
+
+@shared_task(name="stkpush.dispatch.release_deferred", ignore_result=True)
+def release_deferred() -> int:
+    return dispatch.release_deferred()
+
+
+@shared_task(name="stkpush.dispatch.requeue_stale", ignore_result=True)
+def requeue_stale() -> int:
+    return dispatch.requeue_stale_pending() + dispatch.recover_stuck_sending()
+
+
+@shared_task(name="stkpush.dispatch.settle", ignore_result=True)
+def settle() -> int:
+    return dispatch.settle_due()
