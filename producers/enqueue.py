@@ -22,6 +22,7 @@ from worker.phones import mask_phone
 
 log = logging.getLogger("stkpush.producers")
 
+
 class PaymentConflictError(ValueError):
     """The external_reference is already used by a payment with other details."""
 
@@ -112,8 +113,14 @@ def enqueue_payment(
             # The first call recorded it but could not queue it: this call finishes the job. A duplicate
             # message is harmless (the task's claim is conditional).
             queued = publish_payment(existing.id, queue=existing.queue)
-        return PaymentHandle(existing.id, reference, existing.state, queued, created=False, note="already recorded")
+        return PaymentHandle(
+            existing.id, reference, existing.state, queued, created=False, note="already recorded"
+        )
     log.info("payment %s recorded for %s amount %d", payment.id, mask_phone(payment.phone), payment.amount)
     queued = publish_payment(payment.id, queue=queue)
-    note = "" if queued else "recorded but not yet queued: the broker is unreachable; the dispatcher will queue it"
+    note = (
+        ""
+        if queued
+        else "recorded but not yet queued: the broker is unreachable; the dispatcher will queue it"
+    )
     return PaymentHandle(payment.id, reference, PaymentState.PENDING, queued, created=True, note=note)

@@ -53,7 +53,9 @@ def _amount(value: Any, minimum: int, maximum: int, errors: list[FieldError]) ->
     # bool is an int subclass and True would be a payment of 1: refuse it, and floats and numeric strings too,
     # so a caller's type confusion never becomes a money request.
     if isinstance(value, bool) or not isinstance(value, int):
-        errors.append(FieldError("amount", "must be a whole number of shillings (an integer, not text or a float)"))
+        errors.append(
+            FieldError("amount", "must be a whole number of shillings (an integer, not text or a float)")
+        )
         return 0
     if not minimum <= value <= maximum:
         errors.append(FieldError("amount", f"must be between {minimum} and {maximum} shillings"))
@@ -84,7 +86,9 @@ def _reference(value: Any, errors: list[FieldError]) -> str | None:
         errors.append(FieldError("external_reference", f"must be at most {REFERENCE_MAX} characters"))
     elif not REFERENCE_PATTERN.match(text):
         errors.append(
-            FieldError("external_reference", "may contain only letters, digits and . _ : # - (no spaces or /)")
+            FieldError(
+                "external_reference", "may contain only letters, digits and . _ : # - (no spaces or /)"
+            )
         )
     return text
 

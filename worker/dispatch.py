@@ -10,6 +10,7 @@ from sqlalchemy import case
 from sqlmodel import col, select
 
 from worker import runtime
+from worker.guard import RefusalReason
 from worker.ledger import Payment, PaymentState, mark, session_scope, transition, utcnow
 
 log = logging.getLogger("stkpush.dispatch")
@@ -77,6 +78,29 @@ def release_deferred() -> int:
     return released
 
 
+def release_for_phone(phone: str) -> bool:
+    """A resolve just freed this number: release its oldest payment that waits only for the number to be free,
+    without waiting for beat's next tick."""
+    with session_scope(runtime.engine()) as session:
+        row = session.exec(
+            select(Payment.id, Payment.queue)
+            .where(Payment.state == PaymentState.DEFERRED, Payment.phone == phone)
+            .where(Payment.reason == guard_refusal_reason(RefusalReason.PHONE_BUSY))
+            .order_by(col(Payment.created_at))
+            .limit(1)
+        ).first()
+    if row is None:
+        return False
+    payment_id, queue = row
+    if not transition(runtime.engine(), payment_id, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None):
+        return False
+    return publish_payment(payment_id, queue=queue)
+
+
+def guard_refusal_reason(reason: RefusalReason) -> str:
+    return f"guard: {reason.value}"
+
+
 def requeue_stale_pending() -> int:
     """Queue PENDING rows that were never queued, or whose message has been gone too long to be waiting."""
     settings = runtime.settings()
@@ -124,9 +148,3 @@ def recover_stuck_sending() -> int:
     if recovered:
         log.warning("recovered %d payments from dead workers into UNKNOWN", recovered)
     return recovered
-
-
-def settle_due() -> int:
-    from worker.settlement import settle_due as settle
-
-    return settle()

@@ -56,7 +56,7 @@ class Payment(SQLModel, table=True):
     id: str = Field(default_factory=new_payment_id, primary_key=True, max_length=32)
     account: str = Field(max_length=64, index=True)
     external_reference: str = Field(max_length=64)
-    phone: str = Field(max_length=12)  # canonical 2547XXXXXXXX; personal data: never logged unmasked
+    phone: str = Field(max_length=12, index=True)  # canonical 2547XXXXXXXX; personal data: never logged unmasked
     amount: int
     customer_name: str | None = Field(default=None, max_length=100)
     channel_id: int

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import phonenumbers
 from phonenumbers import PhoneNumberType
+
+
+RULE = "must be a Kenyan mobile number such as 07XXXXXXXX, 01XXXXXXXX or 2547XXXXXXXX"
+# Digits with the usual separators only: phonenumbers would otherwise read "0712345678x" or vanity letters.
+_PHONE_CHARACTERS = re.compile(r"^\+?[0-9][0-9 ().-]*$")
 
 
 class PhoneNumberError(ValueError):
@@ -15,21 +22,21 @@ def normalise_phone(raw: str) -> str:
     if not isinstance(raw, str):
         raise PhoneNumberError("must be a string")
     text = raw.strip()
-    if not text or len(text) > 20:
-        raise PhoneNumberError("must be a Kenyan mobile number such as 0712345678 or 254712345678")
+    if not text or len(text) > 20 or not _PHONE_CHARACTERS.match(text):
+        raise PhoneNumberError(RULE)
     # Bare international digits without '+' ("2547...") parse as national numbers otherwise.
     if text.startswith("254") and text[3:4] in {"1", "7"}:
         text = "+" + text
     try:
         parsed = phonenumbers.parse(text, "KE")
     except phonenumbers.NumberParseException:
-        raise PhoneNumberError("must be a Kenyan mobile number such as 0712345678 or 254712345678") from None
+        raise PhoneNumberError(RULE) from None
     if (
         parsed.country_code != 254
         or not phonenumbers.is_valid_number(parsed)
         or phonenumbers.number_type(parsed) != PhoneNumberType.MOBILE
     ):
-        raise PhoneNumberError("must be a Kenyan mobile number such as 0712345678 or 254712345678")
+        raise PhoneNumberError(RULE)
     return f"254{parsed.national_number}"
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
+from pathlib import Path
 
-from worker import runtime
-from worker.guard import Outcome
+from worker import metrics, runtime
+from worker.dispatch import guard_refusal_reason
+from worker.guard import Outcome, RefusalReason
 from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
 from worker.phones import mask_phone
 from worker.signing import callback_url
@@ -20,8 +24,6 @@ log = logging.getLogger("stkpush.sending")
 
 # When UpesiPay says "rate limited" without a Retry-After, wait this long before asking again.
 DEFAULT_RATE_LIMIT_WAIT_S = 60.0
-# Credentials refused: every send waits this long, then one payment probes whether they work again.
-CREDENTIALS_PROBE_S = 120.0
 
 
 class SendResult(StrEnum):
@@ -79,16 +81,18 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 
+    fail_point("after-claim")
     guard = runtime.guard()
     pause = runtime.credentials_pause().remaining_s()
     if pause > 0:
         defer(payment, pause, "sending paused: UpesiPay refused the credentials", PaymentState.SENDING)
         return SendResult.PAUSED, None
     decision = guard.admit(payment.phone, token)
+    metrics.record_guard_decision(decision)
     if not decision.admitted:
-        reason = decision.reason.value if decision.reason else "refused"
-        defer(payment, decision.retry_after, f"guard: {reason}", PaymentState.SENDING)
-        log.info("payment %s deferred by the guard (%s) for %.0fs", payment.id, reason, decision.retry_after)
+        reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
+        defer(payment, decision.retry_after, guard_refusal_reason(reason), PaymentState.SENDING)
+        log.info("payment %s deferred by the guard (%s) for %.0fs", payment.id, reason.value, decision.retry_after)
         return SendResult.DEFERRED, None
 
     settings = runtime.settings()
@@ -102,10 +106,26 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
             callback_url=callback_url(settings, payment.id),
         )
     )
+    fail_point("after-send")
     return record(payment, token, result)
 
 
+def fail_point(name: str) -> None:
+    """Reliability tests kill the worker here, once (see Settings.fault_kill_at); a no-op in production."""
+    settings = runtime.settings()
+    if settings.fault_kill_at != name or not settings.fault_marker_file:
+        return
+    marker = Path(settings.fault_marker_file)
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return
+    log.warning("fail-point %s: killing this worker process", name)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult, Retry | None]:
+    metrics.record_push(result)
     engine = runtime.engine()
     guard = runtime.guard()
     evidence = {
@@ -146,13 +166,14 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             return SendResult.REJECTED, None
         case PushOutcome.CREDENTIALS_REFUSED:
             guard.resolve(token, Outcome.RELEASED)
-            runtime.credentials_pause().pause(CREDENTIALS_PROBE_S)
-            defer(payment, CREDENTIALS_PROBE_S, "UpesiPay refused the credentials", PaymentState.SENDING)
+            probe_s = runtime.settings().credentials_probe_s
+            runtime.credentials_pause().pause(probe_s)
+            defer(payment, probe_s, "UpesiPay refused the credentials", PaymentState.SENDING)
             log.error(
                 "UpesiPay refused the credentials (HTTP %s): all sending paused for %.0fs; check "
                 "UPESIPAY_AUTH_TOKEN",
                 result.status_code,
-                CREDENTIALS_PROBE_S,
+                probe_s,
             )
             return SendResult.PAUSED, None
         case PushOutcome.RATE_LIMITED:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,16 +53,26 @@ class Settings(BaseSettings):
     send_backoff_base_s: float = Field(default=2.0, gt=0)
     send_backoff_cap_s: float = Field(default=300.0, gt=0)
 
+    # Credentials refused: every send waits this long, then one payment probes whether they work again.
+    credentials_probe_s: float = Field(default=120.0, gt=0)
+
+    # Fail-points for the reliability tests only (never set in production): the worker process SIGKILLs itself
+    # at this point of a send, once per marker file: "after-claim" or "after-send".
+    fault_kill_at: Literal["", "after-claim", "after-send"] = ""
+    fault_marker_file: str = ""
+
     # Dispatcher and settlement (beat)
     dispatch_interval_s: float = Field(default=2.0, gt=0, le=300)
     # A queued PENDING row older than this has lost its message (Redis restarted without AOF, say): queue again.
-    requeue_after_s: int = Field(default=900, ge=10)
+    requeue_after_s: int = Field(default=900, ge=1)
     # A SENDING row older than this belongs to a dead worker (the hard task time limit is 150 s).
-    stuck_sending_after_s: int = Field(default=300, ge=10)
+    stuck_sending_after_s: int = Field(default=300, ge=1)
     # AWAITING_CALLBACK this long without a callback: ask transaction-status. M-Pesa prompts time out in ~1 min.
     settle_after_s: int = Field(default=180, ge=1)
     # UNKNOWN rows are asked about after this long (the provider needs a moment to record the request).
     settle_unknown_after_s: int = Field(default=20, ge=1)
+    # A payment UpesiPay still reports as QUEUED (or could not report on) is asked about again after this long.
+    settle_poll_s: float = Field(default=30.0, gt=0)
     # Still unsettled after this long (no status, no callback): counted as FAILED for the guard and the ledger.
     settle_give_up_s: int = Field(default=3 * 3600, ge=60)
 

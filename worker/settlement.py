@@ -13,7 +13,8 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from worker import runtime
+from worker import metrics, runtime
+from worker.dispatch import publish_payment, release_for_phone
 from worker.guard import Outcome
 from worker.ledger import Payment, PaymentState, get_payment, mark, session_scope, transition, utcnow
 from worker.upesipay import StatusResult, TransactionStatus
@@ -25,9 +26,6 @@ log = logging.getLogger("stkpush.settlement")
 SETTLEABLE = (PaymentState.SENDING, PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
 # The reason prefix of a failure we assumed (no outcome could be learned): a late success may take it back.
 ASSUMED_FAILURE = "unsettled:"
-
-# How long a payment UpesiPay still reports as QUEUED (or could not report on) waits before the next question.
-SETTLE_POLL_S = 30
 
 RESULT_SUCCESS = 0
 RESULT_CANCELLED = 1032
@@ -49,6 +47,7 @@ def finish(payment: Payment, state: PaymentState, **fields: Any) -> bool:
         outcome = Outcome.SUCCESS if state == PaymentState.SUCCEEDED else Outcome.FAILURE
         if payment.guard_token:
             runtime.guard().resolve(payment.guard_token, outcome)
+            release_for_phone(payment.phone)
         log.info("payment %s settled %s", payment.id, state.value)
         return True
     if state == PaymentState.SUCCEEDED:
@@ -109,8 +108,6 @@ def settle_from_status(payment: Payment, status: StatusResult) -> str:
         if moved:
             if payment.guard_token:
                 runtime.guard().resolve(payment.guard_token, Outcome.RELEASED)
-            from worker.dispatch import publish_payment
-
             publish_payment(payment.id, queue=payment.queue)
             return "resent"
         return "unchanged"
@@ -123,7 +120,7 @@ def settle_from_status(payment: Payment, status: StatusResult) -> str:
         )
         return "gave-up"
     # No answer yet: ask again later rather than on every tick.
-    mark(runtime.engine(), payment.id, next_attempt_at=utcnow() + timedelta(seconds=SETTLE_POLL_S))
+    mark(runtime.engine(), payment.id, next_attempt_at=utcnow() + timedelta(seconds=settings.settle_poll_s))
     return "waiting"
 
 
@@ -159,5 +156,6 @@ def settle_due(limit: int = 200) -> int:
     done = 0
     for payment in rows:
         outcome = settle_payment(payment)
+        metrics.record_settlement(outcome)
         done += outcome != "waiting"
     return done

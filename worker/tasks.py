@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker import dispatch
+from worker import dispatch, settlement
 from worker.sending import send_payment
 
 
@@ -30,4 +30,4 @@ def requeue_stale() -> int:
 
 @shared_task(name="stkpush.dispatch.settle", ignore_result=True)
 def settle() -> int:
-    return dispatch.settle_due()
+    return settlement.settle_due()

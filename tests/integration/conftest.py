@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -39,16 +38,10 @@ SCENARIO = {
 
 @pytest.fixture(scope="session")
 def stack(redis_server: EmbeddedRedis) -> Iterator[Stack]:
-    saved = dict(os.environ)
     # Database 1 of the suite's private Redis, under a private key prefix: other tests flush database 0.
     with Stack(redis_url=redis_server.url.rsplit("/", 1)[0] + "/1", scenario=json.dumps(SCENARIO)) as running:
         running.activate()
         yield running
-    os.environ.clear()
-    os.environ.update(saved)
-    from worker import runtime
-
-    runtime.reset()
 
 
 @pytest.fixture

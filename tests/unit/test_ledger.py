@@ -38,7 +38,9 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
 
 
 def add(engine: Engine, reference: str = "INV-1", account: str = "acct") -> Payment:
-    payment = Payment(account=account, external_reference=reference, phone="254712345678", amount=10, channel_id=1)
+    payment = Payment(
+        account=account, external_reference=reference, phone="254712345678", amount=10, channel_id=1
+    )
     with session_scope(engine) as session:
         session.add(payment)
         session.commit()
@@ -89,4 +91,6 @@ def test_counts_by_state_cover_every_state(engine: Engine) -> None:
     second = add(engine, "B")
     transition(engine, second.id, [PaymentState.PENDING], PaymentState.DEFERRED)
     counts = count_by_state(engine, "acct")
-    assert counts["PENDING"] == 1 and counts["DEFERRED"] == 1 and set(counts) == {s.value for s in PaymentState}
+    assert (
+        counts["PENDING"] == 1 and counts["DEFERRED"] == 1 and set(counts) == {s.value for s in PaymentState}
+    )

@@ -238,7 +238,7 @@ def test_unknown_with_no_trace_at_upesipay_is_sent_again(
     payment = new_payment()
     send_payment(payment.id)
     published: list[str] = []
-    monkeypatch.setattr("worker.dispatch.publish_payment", lambda pid, **_kw: published.append(pid) or True)
+    monkeypatch.setattr("worker.settlement.publish_payment", lambda pid, **_kw: published.append(pid) or True)
     missing = StatusResult(TransactionStatus.NOT_FOUND, None, None, None, None, "no such request", None)
     assert settle_from_status(reload(payment), missing) == "resent"
     assert reload(payment).state == PaymentState.PENDING and published == [payment.id]

@@ -17,15 +17,26 @@ GOOD = {
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
-    for name in ("UPESIPAY_BASE_URL", "UPESIPAY_AUTH_TOKEN", "UPESIPAY_CHANNEL_ID", "CALLBACK_BASE_URL",
-                 "CALLBACK_SECRET", "REDIS_URL", "DATABASE_URL"):
+    for name in (
+        "UPESIPAY_BASE_URL",
+        "UPESIPAY_AUTH_TOKEN",
+        "UPESIPAY_CHANNEL_ID",
+        "CALLBACK_BASE_URL",
+        "CALLBACK_SECRET",
+        "REDIS_URL",
+        "DATABASE_URL",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(str(tmp_path))  # no stray .env
 
 
 def test_defaults_are_the_documented_limits() -> None:
     settings = load_settings(**GOOD)
-    assert (settings.phone_streak_limit, settings.phone_cooldown_s, settings.phone_max_inflight) == (10, 86400, 1)
+    assert (settings.phone_streak_limit, settings.phone_cooldown_s, settings.phone_max_inflight) == (
+        10,
+        86400,
+        1,
+    )
     assert (settings.account_failure_limit, settings.account_window_s) == (50, 21600)
     assert (settings.amount_min, settings.amount_max) == (1, 150_000)
     assert settings.database_url.startswith("sqlite:///")
@@ -35,15 +46,26 @@ def test_missing_settings_are_named_each_one() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings()
     message = str(caught.value)
-    for name in ("UPESIPAY_BASE_URL", "UPESIPAY_AUTH_TOKEN", "UPESIPAY_CHANNEL_ID", "CALLBACK_BASE_URL",
-                 "CALLBACK_SECRET"):
+    for name in (
+        "UPESIPAY_BASE_URL",
+        "UPESIPAY_AUTH_TOKEN",
+        "UPESIPAY_CHANNEL_ID",
+        "CALLBACK_BASE_URL",
+        "CALLBACK_SECRET",
+    ):
         assert f"{name}: is required" in message
 
 
 def test_malformed_settings_name_the_variable_and_never_echo_the_value() -> None:
     with pytest.raises(SettingsError) as caught:
-        load_settings(**{**GOOD, "upesipay_channel_id": "twenty-one", "redis_url": "http://nope-secret-host",
-                         "callback_secret": "short"})
+        load_settings(
+            **{
+                **GOOD,
+                "upesipay_channel_id": "twenty-one",
+                "redis_url": "http://nope-secret-host",
+                "callback_secret": "short",
+            }
+        )
     message = str(caught.value)
     assert "UPESIPAY_CHANNEL_ID" in message and "REDIS_URL" in message and "CALLBACK_SECRET" in message
     assert "twenty-one" not in message and "nope-secret-host" not in message and "short'" not in message

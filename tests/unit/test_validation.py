@@ -35,7 +35,17 @@ def test_kenyan_mobile_numbers_in_every_common_form_are_normalised(given: str, c
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "abc", "0202345678", "071234567", "07123456789", "+255712345678", "254812345678", "1" * 30, "0712345678x"],
+    [
+        "",
+        "abc",
+        "0202345678",
+        "071234567",
+        "07123456789",
+        "+255712345678",
+        "254812345678",
+        "1" * 30,
+        "0712345678x",
+    ],
 )
 def test_anything_but_a_kenyan_mobile_number_is_refused_without_echoing_it(bad: str) -> None:
     with pytest.raises(PaymentValidationError) as caught:
@@ -68,7 +78,10 @@ def test_amount_must_be_an_integer_within_bounds(amount: Any, rule_part: str) ->
 def test_amount_bounds_are_configurable() -> None:
     with pytest.raises(PaymentValidationError):
         validate_payment({"amount": 600, "phone_number": "0712345678"}, amount_min=1, amount_max=500)
-    assert validate_payment({"amount": 500, "phone_number": "0712345678"}, amount_min=1, amount_max=500).amount == 500
+    assert (
+        validate_payment({"amount": 500, "phone_number": "0712345678"}, amount_min=1, amount_max=500).amount
+        == 500
+    )
 
 
 def test_every_bad_field_is_listed_in_one_error() -> None:
@@ -97,7 +110,10 @@ def test_unknown_fields_are_refused() -> None:
 
 def test_names_and_references_are_stripped_of_control_characters_and_bounded() -> None:
     request = check(
-        amount=10, phone_number="0712345678", external_reference="INV-\x00009\n", customer_name=" John\x07   Doe\t"
+        amount=10,
+        phone_number="0712345678",
+        external_reference="INV-\x00009\n",
+        customer_name=" John\x07   Doe\t",
     )
     assert request.external_reference == "INV-009"
     assert request.customer_name == "John Doe"
