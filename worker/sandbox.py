@@ -1,0 +1,512 @@
+"""The UpesiPay sandbox: a local provider speaking the documented API, abuse rules and faults included.
+
+UpesiPay has no public sandbox, so the demo, the integration tests and the benchmarks run against this one
+(DESIGN.md, "The sandbox"; docs/sandbox.md for everything it chooses where UpesiPay's documentation is silent).
+`create_app(SandboxConfig(...))` builds the FastAPI app; `python -m worker.sandbox_cli` serves it.
+
+API (as documented): POST /api/v2/payments, GET /api/v2/transaction-status, GET /api/v2/transactions.
+Control (sandbox only): GET /sandbox/stats, GET|PUT /sandbox/scenario, GET /sandbox/clock,
+POST /sandbox/clock/advance, POST /sandbox/reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import math
+import re
+import socket
+import struct
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from worker.phones import PhoneNumberError, normalise_phone
+from worker.sandbox_provider import PushInput, SandboxProvider, iso
+from worker.sandbox_rules import AbuseLimits, AccountTier, SandboxClock
+from worker.sandbox_scenario import (
+    OUTCOMES,
+    REJECT,
+    FaultKind,
+    Faults,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+)
+
+__all__ = [
+    "OUTCOMES",
+    "AbuseLimits",
+    "AccountTier",
+    "Faults",
+    "SandboxClock",
+    "SandboxConfig",
+    "Scenario",
+    "ScenarioError",
+    "create_app",
+    "load_scenario",
+]
+
+MAX_BODY_BYTES = 64 * 1024  # the API's body limit; a push body is a few hundred bytes
+CONTROL_MAX_BODY_BYTES = 1024 * 1024  # a scenario may list thousands of numbers
+# A body over the limit is still read (and dropped) up to this size, so the client sees its 413 instead of a
+# reset while it is still writing; beyond it the connection is closed after the 413.
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
+MAX_AMOUNT = 250_000  # M-Pesa's per-transaction limit in shillings
+MAX_PER_PAGE = 100
+TEXT_LIMITS = {"external_reference": 64, "customer_name": 100, "callback_url": 2048, "credential_id": 64}
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+# Where _SandboxApp leaves uvicorn's transport for the `reset` fault.
+_TRANSPORT_KEY = "stkpush.sandbox.transport"
+
+
+@dataclass
+class SandboxConfig:
+    """Everything a sandbox run needs; each `--token` is one account, labelled account-1, account-2, ..."""
+
+    tokens: Sequence[str]
+    scenario: Scenario = field(default_factory=Scenario)
+    seed: int = 0  # unless the scenario sets "seed"
+    callback_delay_s: float = 1.0  # push to outcome (and callback), unless the scenario sets callback_delay_s
+    late_delay_s: float = 30.0  # outcome to a `late` callback, unless the scenario sets late_delay_s
+    callback_timeout_s: float = 5.0
+    limits: AbuseLimits = field(default_factory=AbuseLimits)
+    clock: SandboxClock = field(default_factory=SandboxClock)
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, str):
+            raise ValueError("tokens must be a sequence of tokens, not one string")
+        self.tokens = tuple(self.tokens)
+        if not self.tokens:
+            raise ValueError("at least one token is required: each token is one UpesiPay account")
+        # The messages never repeat a token: it is a secret even here.
+        if not all(isinstance(token, str) and _TOKEN_RE.fullmatch(token) for token in self.tokens):
+            raise ValueError("each token must be non-empty printable ASCII without spaces")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("tokens must be distinct")
+        for name in ("callback_delay_s", "late_delay_s", "callback_timeout_s"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0")
+        if self.callback_timeout_s <= 0 or self.max_body_bytes < 1024:
+            raise ValueError("callback_timeout_s must be > 0 and max_body_bytes at least 1024")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError("seed must be an integer")
+
+    @property
+    def accounts(self) -> dict[str, str]:
+        """Account label -> token. Labels, never tokens, appear in stats and logs."""
+        return {f"account-{index}": token for index, token in enumerate(self.tokens, start=1)}
+
+
+class _Answer(Exception):
+    """Raised to answer at once with `response` (errors found deep in a handler)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _json(status: int, body: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body).encode(), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> _Answer:
+    return _Answer(_json(status, {"error_message": message}, headers))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _canonical_phone(raw: str) -> str | None:
+    # libphonenumber is the slowest step of a push; callers reuse numbers.
+    try:
+        return normalise_phone(raw)
+    except PhoneNumberError:
+        return None
+
+
+class _DelayedAnswer(Response):
+    """The `hang` fault: the answer waits `delay_s`, or is dropped if the client gives up first."""
+
+    def __init__(self, answer: Response, delay_s: float) -> None:
+        super().__init__()
+        self.answer, self.delay_s = answer, delay_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with asyncio.timeout(self.delay_s):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+        except TimeoutError:
+            await self.answer(scope, receive, send)
+
+
+class _ConnectionReset(Response):
+    """The `reset` fault: the request was read, then the TCP connection is reset with no HTTP answer at all."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        transport = scope.get(_TRANSPORT_KEY)
+        if not isinstance(transport, asyncio.Transport):
+            raise RuntimeError(
+                "the reset fault needs uvicorn's h11 or httptools protocol (no transport found)"
+            )
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() sends RST rather than FIN, as a crashed proxy or a dropped NAT entry would.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        # Wait until the server has seen the connection go, so that it does not try to answer for us.
+        async with asyncio.timeout(5):
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+
+class _SandboxApp(FastAPI):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # uvicorn's `send` is a method of its per-request cycle, which holds the connection's transport:
+            # the only handle that can drop a connection without answering (the `reset` fault).
+            scope[_TRANSPORT_KEY] = getattr(getattr(send, "__self__", None), "transport", None)
+        await super().__call__(scope, receive, send)
+
+
+class _Api:
+    """The request handlers; one per app, sharing the provider state."""
+
+    def __init__(self, config: SandboxConfig, provider: SandboxProvider) -> None:
+        self.config = config
+        self.provider = provider
+        self.accounts = [(label, token.encode()) for label, token in config.accounts.items()]
+
+    # ---- the documented API -------------------------------------------------------------------------------
+    async def create_payment(self, request: Request) -> Response:
+        provider = self.provider
+        account = await self._enter(request, "payments")
+        push = self._push_input(await self._read_json(request, self.config.max_body_bytes, api=True))
+        fault = self._roll("payments")
+        answer_now, fail_after_recording = self._fault_before(fault)
+        if answer_now is not None:
+            return answer_now
+        refusal = provider.refusal(account, push.phone)
+        if refusal is not None:
+            return self._abuse_refusal(*refusal)
+        plan = provider.plan_for(push.phone)
+        if plan.outcome == REJECT:
+            provider.refused["rejected"] += 1
+            return _json(400, {"error_message": "Invalid request"})  # the documented error body
+        transaction = provider.record(account, push, plan)
+        created = _json(
+            201,
+            {
+                "success": True,
+                "status": "QUEUED",
+                "reference": transaction.reference,
+                "CheckoutRequestID": transaction.checkout_request_id,
+            },
+        )
+        return self._fault_after(fault, fail_after_recording, created)
+
+    async def transaction_status(self, request: Request) -> Response:
+        account = await self._enter(request, "transaction-status")
+        fault = self._roll("transaction-status")
+        answer_now, fail_after = self._fault_before(fault)
+        if answer_now is not None:
+            return answer_now
+        reference = request.query_params.get("reference")
+        if not reference:
+            raise self._invalid("reference is required")
+        transaction = self.provider.lookup(account, reference)
+        if transaction is None:
+            answer = _json(404, {"error_message": "Transaction not found"})
+        else:
+            answer = _json(200, transaction.item())
+        return self._fault_after(fault, fail_after, answer)
+
+    async def transactions(self, request: Request) -> Response:
+        account = await self._enter(request, "transactions")
+        fault = self._roll("transactions")
+        answer_now, fail_after = self._fault_before(fault)
+        if answer_now is not None:
+            return answer_now
+        query = request.query_params
+        page = self._int_param(query.get("page"), "page", 1, 1, 10**9)
+        per = self._int_param(query.get("per"), "per", 20, 1, MAX_PER_PAGE)
+        external_reference = query.get("external_reference") or None
+        answer = _json(200, self.provider.page(account, page, per, external_reference))
+        return self._fault_after(fault, fail_after, answer)
+
+    # ---- control ------------------------------------------------------------------------------------------
+    async def stats(self, request: Request) -> Response:
+        self.provider.settle_due()
+        return _json(200, self.provider.stats())
+
+    async def get_scenario(self, request: Request) -> Response:
+        return _json(200, dict(self.provider.scenario.source))
+
+    async def put_scenario(self, request: Request) -> Response:
+        data = await self._read_json(request, CONTROL_MAX_BODY_BYTES, api=False)
+        try:
+            scenario = Scenario.from_json(data)
+        except ScenarioError as error:
+            raise _error(400, f"Invalid scenario: {error}") from None
+        self.provider.settle_due()
+        self.provider.replace_scenario(scenario)
+        return _json(200, {"scenario": dict(scenario.source)})
+
+    async def get_clock(self, request: Request) -> Response:
+        return self._clock_answer()
+
+    async def advance_clock(self, request: Request) -> Response:
+        data = await self._read_json(request, CONTROL_MAX_BODY_BYTES, api=False)
+        if not isinstance(data, dict) or set(data) != {"seconds"}:
+            raise _error(400, 'Invalid request: the body must be {"seconds": N}')
+        try:
+            self.provider.clock.advance(data["seconds"])
+        except ValueError as error:
+            raise _error(400, f"Invalid request: {error}") from None
+        self.provider.settle_due()
+        self.provider.wake()
+        return self._clock_answer()
+
+    async def reset(self, request: Request) -> Response:
+        self.provider.reset()
+        return _json(200, {"reset": True, "clock": iso(self.provider.clock.now())})
+
+    def _clock_answer(self) -> Response:
+        clock = self.provider.clock
+        return _json(200, {"now": iso(clock.now()), "now_epoch_s": clock.now(), "offset_s": clock.offset_s})
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    async def _enter(self, request: Request, endpoint: str) -> str:
+        """Latency fault, then the Basic token; returns the account label. Due outcomes are applied first."""
+        provider = self.provider
+        faults = provider.scenario.faults
+        if endpoint in faults.endpoints and (faults.latency_s > 0 or faults.latency_jitter_s > 0):
+            provider.faults["latency"] += 1
+            await asyncio.sleep(faults.latency(provider.fault_rng))
+        account = self._account(request.headers.get("authorization"))
+        if account is None:
+            provider.refused["unauthorized"] += 1
+            raise _error(401, "Unauthorized: a valid 'Authorization: Basic <token>' header is required")
+        provider.settle_due()
+        return account
+
+    def _account(self, header: str | None) -> str | None:
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "basic" or not token.strip():
+            return None
+        given, found = token.strip().encode(), None
+        for label, known in self.accounts:  # every token compared, in constant time
+            if hmac.compare_digest(given, known):
+                found = label
+        return found
+
+    def _invalid(self, problem: str) -> _Answer:
+        self.provider.refused["invalid"] += 1
+        return _error(400, f"Invalid request: {problem}")
+
+    async def _read_json(self, request: Request, limit: int, *, api: bool) -> Any:
+        """The body as JSON. `api`: the request is to the UpesiPay API (Content-Type checked, refusals counted)."""
+
+        def refuse(status: int, problem: str, headers: Mapping[str, str] | None = None) -> _Answer:
+            if api:
+                self.provider.refused["invalid"] += 1
+            return _error(status, f"Invalid request: {problem}", headers)
+
+        if api:
+            media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media_type != "application/json":
+                raise refuse(415, "Content-Type must be application/json")
+        too_large = f"the body is larger than {limit} bytes"
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > DRAIN_MAX_BYTES:
+            raise refuse(413, too_large, {"Connection": "close"})
+        body, seen, more = bytearray(), 0, True
+        while more:  # straight from ASGI receive: Starlette's stream() generator costs more than the JSON
+            message = await request.receive()
+            if message["type"] != "http.request":
+                raise refuse(400, "the body was cut short")
+            chunk: bytes = message.get("body", b"")
+            more = message.get("more_body", False)
+            seen += len(chunk)
+            if seen > DRAIN_MAX_BYTES:
+                break
+            if seen <= limit:
+                body += chunk
+        if seen > limit:
+            raise refuse(413, too_large, {"Connection": "close"})
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise refuse(400, "the body is not valid JSON") from None
+
+    def _push_input(self, body: Any) -> PushInput:
+        if not isinstance(body, dict):
+            raise self._invalid("the body must be a JSON object")
+        # Unknown fields are ignored, as most JSON APIs do; the documented ones are checked strictly.
+        amount = self._required(body, "amount")
+        if type(amount) is not int:  # bools and 100.0 are refused
+            raise self._invalid("amount must be an integer")
+        if not 1 <= amount <= MAX_AMOUNT:
+            raise self._invalid(f"amount must be from 1 to {MAX_AMOUNT}")
+        raw_phone = self._required(body, "phone_number")
+        if not isinstance(raw_phone, str):
+            raise self._invalid("phone_number must be a string")
+        phone = _canonical_phone(raw_phone[:32])
+        if phone is None:
+            raise self._invalid("phone_number must be a Kenyan mobile number such as 0712345678")
+        channel_id = self._required(body, "channel_id")
+        if type(channel_id) is not int or channel_id < 1:
+            raise self._invalid("channel_id must be a positive integer")
+        if self._required(body, "provider") != "m-pesa":
+            raise self._invalid("provider must be 'm-pesa'")
+        texts = {name: self._optional_text(body, name) for name in TEXT_LIMITS}
+        callback_url = texts["callback_url"]
+        if callback_url is not None and not _is_http_url(callback_url):
+            raise self._invalid("callback_url must be an http or https URL")
+        return PushInput(amount=amount, phone=phone, channel_id=channel_id, **texts)
+
+    def _required(self, body: dict[str, Any], name: str) -> Any:
+        value = body.get(name)
+        if value is None:
+            raise self._invalid(f"{name} is required")
+        return value
+
+    def _optional_text(self, body: dict[str, Any], name: str) -> str | None:
+        value = body.get(name)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self._invalid(f"{name} must be a string")
+        if len(value) > TEXT_LIMITS[name]:
+            raise self._invalid(f"{name} must be at most {TEXT_LIMITS[name]} characters")
+        return value
+
+    def _int_param(self, raw: str | None, name: str, default: int, low: int, high: int) -> int:
+        if raw is None or raw == "":
+            return default
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not low <= int(raw) <= high:
+            raise self._invalid(f"{name} must be an integer from {low} to {high}")
+        return int(raw)
+
+    def _abuse_refusal(self, kind: str, until: float) -> Response:
+        self.provider.refused[kind] += 1
+        retry_after = str(max(math.ceil(until - self.provider.clock.now()), 1))
+        if kind == "restricted":
+            message = f"Account restricted from STK push by abuse protection until {iso(until)}"
+        else:
+            message = f"STK push blocked for this phone number by abuse protection until {iso(until)}"
+        return _json(429, {"error_message": message}, {"Retry-After": retry_after})
+
+    # ---- faults -------------------------------------------------------------------------------------------
+    def _roll(self, endpoint: str) -> FaultKind:
+        faults = self.provider.scenario.faults
+        if endpoint not in faults.endpoints:
+            return FaultKind.NONE
+        return faults.roll(self.provider.fault_rng)
+
+    def _fault_before(self, fault: FaultKind) -> tuple[Response | None, bool]:
+        """(an answer to give instead of doing anything, whether to answer 500 after doing it)."""
+        provider, faults = self.provider, self.provider.scenario.faults
+        if fault is FaultKind.RATE_LIMIT:
+            provider.faults["rate_limited"] += 1
+            provider.refused["rate_limited"] += 1
+            headers = {"Retry-After": str(faults.retry_after_s)}
+            return _json(429, {"error_message": "Too many requests"}, headers), False
+        if fault is FaultKind.ERROR_5XX:
+            # Half the 5xx come after the push was recorded (500: the customer IS prompted), half before
+            # (502/503: nothing happened). The client cannot tell which: both are ambiguous to it.
+            draw = provider.fault_rng.random()
+            if draw < 0.5:
+                return None, True
+            if draw < 0.75:
+                provider.faults["error_502"] += 1
+                page = b"<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>"
+                return Response(page, status_code=502, media_type="text/html"), False
+            provider.faults["error_503"] += 1
+            return _json(503, {"error_message": "Service temporarily unavailable"}), False
+        return None, False
+
+    def _fault_after(self, fault: FaultKind, fail: bool, answer: Response) -> Response:
+        provider = self.provider
+        if fail:
+            provider.faults["error_500"] += 1
+            return _json(500, {"error_message": "Server Error"})
+        if fault is FaultKind.HANG:
+            provider.faults["hang"] += 1
+            return _DelayedAnswer(answer, provider.scenario.faults.hang_s)
+        if fault is FaultKind.RESET:
+            provider.faults["reset"] += 1
+            return _ConnectionReset()
+        return answer
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    return parts.scheme in {"http", "https"} and bool(parts.netloc)
+
+
+def create_app(config: SandboxConfig) -> FastAPI:
+    """The sandbox as an ASGI app; serve it with uvicorn (the `reset` fault needs uvicorn's transport)."""
+    provider = SandboxProvider(config)
+    api = _Api(config, provider)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await provider.start()
+        try:
+            yield
+        finally:
+            await provider.stop()
+
+    app = _SandboxApp(
+        title="UpesiPay sandbox", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.state.config = config
+    app.state.provider = provider
+
+    async def answer(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, _Answer)
+        return exc.response
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return _json(exc.status_code, {"error_message": str(exc.detail)}, exc.headers)
+
+    app.add_exception_handler(_Answer, answer)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    routes = (
+        ("/api/v2/payments", api.create_payment, "POST"),
+        ("/api/v2/transaction-status", api.transaction_status, "GET"),
+        ("/api/v2/transactions", api.transactions, "GET"),
+        ("/sandbox/stats", api.stats, "GET"),
+        ("/sandbox/scenario", api.get_scenario, "GET"),
+        ("/sandbox/scenario", api.put_scenario, "PUT"),
+        ("/sandbox/clock", api.get_clock, "GET"),
+        ("/sandbox/clock/advance", api.advance_clock, "POST"),
+        ("/sandbox/reset", api.reset, "POST"),
+    )
+    for path, endpoint, method in routes:
+        # Plain Starlette routes: the handlers read the Request themselves, and FastAPI's per-request
+        # dependency solving would cost as much as the push itself (the sandbox must never be the bottleneck).
+        app.router.add_route(path, endpoint, methods=[method], include_in_schema=False)
+    return app
