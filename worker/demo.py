@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,11 +44,29 @@ SAMPLE_PHONES = (
 )
 
 
-def demo_scenario(seed: int = 7) -> str:
+def mixed_scenario(seed: int = 7) -> dict[str, Any]:
     phones = {normalise_phone(sample.phone): {"outcome": sample.outcome} for sample in SAMPLE_PHONES}
-    return json.dumps(
-        {"seed": seed, "callback_delay_s": 0.3, "default": {"outcomes": {"success": 1.0}}, "phones": phones}
-    )
+    return {"seed": seed, "callback_delay_s": 0.3, "default": "success", "phones": phones}
+
+
+def faults_scenario(seed: int = 7) -> dict[str, Any]:
+    """DESIGN's hard cases at once: 20% of callbacks dropped, 10% duplicated, 10% of sends time out after
+    UpesiPay recorded them, 5% answered with a 5xx; a few customers cancel (well inside the failure budget)."""
+    return {
+        "seed": seed,
+        "callback_delay_s": 0.3,
+        "default": {"outcomes": {"success": 0.96, "cancelled": 0.04}, "drop": 0.2, "duplicate": 0.1},
+        "faults": {"hang_rate": 0.1, "hang_s": 4, "error_5xx_rate": 0.05},
+    }
+
+
+SCENARIOS = {"mixed": mixed_scenario, "faults": faults_scenario}
+
+
+def sample_phone(scenario: str, index: int) -> str:
+    if scenario == "mixed":
+        return SAMPLE_PHONES[index % len(SAMPLE_PHONES)].phone
+    return f"0711{index:06d}"  # one number per payment: the faults run is about the provider, not the streaks
 
 
 def _rows(stack: Stack) -> list[Payment]:
@@ -59,11 +78,35 @@ def _rows(stack: Stack) -> list[Payment]:
         return list(session.exec(select(Payment).order_by(col(Payment.created_at))).all())
 
 
-def run_demo(*, payments: int, timeout_s: float, echo: Callable[[str], Any] | None) -> dict[str, Any]:
+def push_counts(stack: Stack, rows: list[Payment]) -> dict[str, int]:
+    """How many pushes UpesiPay (the sandbox) holds per reference, summarised against the ledger."""
+    by_reference: dict[str, int] = stack.sandbox_stats()["pushes_by_reference"]  # type: ignore[assignment]
+    # UpesiPay accepted a push if it gave us a reference (201 or transaction lookup) or a callback named it.
+    accepted = [row for row in rows if row.provider_reference or row.checkout_request_id]
+    return {
+        "references_pushed": len(by_reference),
+        "references_pushed_more_than_once": sum(1 for count in by_reference.values() if count > 1),
+        "accepted_payments": len(accepted),
+        "accepted_payments_with_exactly_one_push": sum(
+            1 for row in accepted if by_reference.get(row.external_reference, 0) == 1
+        ),
+    }
+
+
+def run_demo(
+    *,
+    payments: int,
+    timeout_s: float,
+    echo: Callable[[str], Any] | None,
+    scenario: str = "mixed",
+    workers: int = 1,
+    log_dir: Path | None = None,
+) -> dict[str, Any]:
     say = echo or (lambda _text: None)
     started = time.monotonic()
     environment = DemoEnvironment()
-    with Stack(redis_url=environment.redis_url, scenario=demo_scenario()) as stack:
+    scenario_json = json.dumps(SCENARIOS[scenario]())
+    with Stack(redis_url=environment.redis_url, scenario=scenario_json, workers=workers, log_to=log_dir) as stack:
         say(
             f"stack up in {time.monotonic() - started:.1f}s: sandbox {stack.sandbox_url}, web {stack.web_url}, "
             f"redis {'embedded' if stack.embedded else 'shared (private key prefix)'}"
@@ -73,9 +116,10 @@ def run_demo(*, payments: int, timeout_s: float, echo: Callable[[str], Any] | No
         from worker import runtime
 
         for index in range(payments):
-            sample = SAMPLE_PHONES[index % len(SAMPLE_PHONES)]
             enqueue_payment(
-                amount=10 + index, phone_number=sample.phone, external_reference=f"DEMO-{index + 1:04d}"
+                amount=10 + index % 1000,
+                phone_number=sample_phone(scenario, index),
+                external_reference=f"DEMO-{index + 1:04d}",
             )
         say(f"enqueued {payments} payments; waiting for them to settle ...")
         deadline = time.monotonic() + timeout_s
@@ -89,7 +133,10 @@ def run_demo(*, payments: int, timeout_s: float, echo: Callable[[str], Any] | No
         stats = stack.sandbox_stats()
         account = runtime.guard().account_snapshot()
         summary: dict[str, Any] = {
+            "scenario": scenario,
             "payments": payments,
+            "pushes": push_counts(stack, rows),
+            "rule_triggers_total": stats.get("rule_triggers_total"),
             "counts": {state: count for state, count in counts.items() if count},
             "all_settled": sum(counts[state.value] for state in TERMINAL_STATES) >= payments,
             "sandbox": stats,
@@ -103,7 +150,7 @@ def run_demo(*, payments: int, timeout_s: float, echo: Callable[[str], Any] | No
         }
         say("")
         say(f"{'reference':<12} {'phone':<13} {'amount':>6}  {'state':<18} detail")
-        for row in rows:
+        for row in rows[:40]:
             detail = row.receipt or row.reason or ""
             say(
                 f"{row.external_reference:<12} {mask_phone(row.phone):<13} {row.amount:>6}  {row.state.value:<18} "
@@ -118,5 +165,5 @@ def run_demo(*, payments: int, timeout_s: float, echo: Callable[[str], Any] | No
             f"guard: {account.failures_in_window} failures in the window, {account.in_flight} in flight, "
             f"headroom {account.headroom}"
         )
-        say(f"elapsed {summary['elapsed_s']}s; everything stopped")
+    say(f"elapsed {summary['elapsed_s']}s; everything stopped")
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import case
 from sqlmodel import col, select
@@ -78,15 +79,28 @@ def release_deferred() -> int:
     return released
 
 
-def release_for_phone(phone: str) -> bool:
-    """A resolve just freed this number: release its oldest payment that waits only for the number to be free,
-    without waiting for beat's next tick."""
+def release_freed(phone: str) -> bool:
+    """A resolve just freed a reservation: release, without waiting for beat's next tick, the one payment it
+    most likely unblocks: the oldest waiting only for this number to be free, else (while the account has
+    headroom) the oldest waiting for the account budget. Single payments go before batch rows."""
+    waiting_for_phone = (
+        (col(Payment.phone) == phone)
+        & (col(Payment.reason) == guard_refusal_reason(RefusalReason.PHONE_BUSY))
+    )
+    if _release_oldest(waiting_for_phone):
+        return True
+    if runtime.guard().account_snapshot().headroom <= 0:
+        return False
+    return _release_oldest(col(Payment.reason) == guard_refusal_reason(RefusalReason.ACCOUNT_BUDGET))
+
+
+def _release_oldest(condition: Any) -> bool:
     with session_scope(runtime.engine()) as session:
         row = session.exec(
             select(Payment.id, Payment.queue)
-            .where(Payment.state == PaymentState.DEFERRED, Payment.phone == phone)
-            .where(Payment.reason == guard_refusal_reason(RefusalReason.PHONE_BUSY))
-            .order_by(col(Payment.created_at))
+            .where(Payment.state == PaymentState.DEFERRED)
+            .where(condition)
+            .order_by(_single_first(), col(Payment.created_at))  # type: ignore[arg-type]
             .limit(1)
         ).first()
     if row is None:

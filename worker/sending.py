@@ -77,7 +77,9 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     token = f"{payment.id}.{secrets.token_hex(4)}"
     # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
     # claimed (or past it) and sends nothing.
-    if not transition(engine, payment.id, [PaymentState.PENDING], PaymentState.SENDING, guard_token=token):
+    if not transition(
+        engine, payment.id, [PaymentState.PENDING], PaymentState.SENDING, guard_token=token, next_attempt_at=None
+    ):
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from worker import metrics, runtime
-from worker.dispatch import publish_payment, release_for_phone
+from worker.dispatch import publish_payment, release_freed
 from worker.guard import Outcome
 from worker.ledger import Payment, PaymentState, get_payment, mark, session_scope, transition, utcnow
 from worker.upesipay import StatusResult, TransactionStatus
@@ -47,7 +47,7 @@ def finish(payment: Payment, state: PaymentState, **fields: Any) -> bool:
         outcome = Outcome.SUCCESS if state == PaymentState.SUCCEEDED else Outcome.FAILURE
         if payment.guard_token:
             runtime.guard().resolve(payment.guard_token, outcome)
-            release_for_phone(payment.phone)
+            release_freed(payment.phone)
         log.info("payment %s settled %s", payment.id, state.value)
         return True
     if state == PaymentState.SUCCEEDED:
