@@ -106,7 +106,9 @@ def run_demo(
     started = time.monotonic()
     environment = DemoEnvironment()
     scenario_json = json.dumps(SCENARIOS[scenario]())
-    with Stack(redis_url=environment.redis_url, scenario=scenario_json, workers=workers, log_to=log_dir) as stack:
+    with Stack(
+        redis_url=environment.redis_url, scenario=scenario_json, workers=workers, log_to=log_dir
+    ) as stack:
         say(
             f"stack up in {time.monotonic() - started:.1f}s: sandbox {stack.sandbox_url}, web {stack.web_url}, "
             f"redis {'embedded' if stack.embedded else 'shared (private key prefix)'}"

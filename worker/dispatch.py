@@ -83,9 +83,8 @@ def release_freed(phone: str) -> bool:
     """A resolve just freed a reservation: release, without waiting for beat's next tick, the one payment it
     most likely unblocks: the oldest waiting only for this number to be free, else (while the account has
     headroom) the oldest waiting for the account budget. Single payments go before batch rows."""
-    waiting_for_phone = (
-        (col(Payment.phone) == phone)
-        & (col(Payment.reason) == guard_refusal_reason(RefusalReason.PHONE_BUSY))
+    waiting_for_phone = (col(Payment.phone) == phone) & (
+        col(Payment.reason) == guard_refusal_reason(RefusalReason.PHONE_BUSY)
     )
     if _release_oldest(waiting_for_phone):
         return True
@@ -106,7 +105,9 @@ def _release_oldest(condition: Any) -> bool:
     if row is None:
         return False
     payment_id, queue = row
-    if not transition(runtime.engine(), payment_id, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None):
+    if not transition(
+        runtime.engine(), payment_id, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None
+    ):
         return False
     return publish_payment(payment_id, queue=queue)
 

@@ -56,7 +56,9 @@ class Payment(SQLModel, table=True):
     id: str = Field(default_factory=new_payment_id, primary_key=True, max_length=32)
     account: str = Field(max_length=64, index=True)
     external_reference: str = Field(max_length=64)
-    phone: str = Field(max_length=12, index=True)  # canonical 2547XXXXXXXX; personal data: never logged unmasked
+    phone: str = Field(
+        max_length=12, index=True
+    )  # canonical 2547XXXXXXXX; personal data: never logged unmasked
     amount: int
     customer_name: str | None = Field(default=None, max_length=100)
     channel_id: int
@@ -169,9 +171,7 @@ def transition(
     if to_state in TERMINAL_STATES and "settled_at" not in fields:
         values["settled_at"] = values["updated_at"]
     statement = (
-        update(Payment)
-        .where(col(Payment.id) == payment_id, col(Payment.state).in_(allowed))
-        .values(**values)
+        update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(allowed)).values(**values)
     )
     with engine.begin() as connection:
         result = connection.execute(statement)

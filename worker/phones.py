@@ -7,7 +7,6 @@ import re
 import phonenumbers
 from phonenumbers import PhoneNumberType
 
-
 RULE = "must be a Kenyan mobile number such as 07XXXXXXXX, 01XXXXXXXX or 2547XXXXXXXX"
 # Digits with the usual separators only: phonenumbers would otherwise read "0712345678x" or vanity letters.
 _PHONE_CHARACTERS = re.compile(r"^\+?[0-9][0-9 ().-]*$")

@@ -78,7 +78,12 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
     # claimed (or past it) and sends nothing.
     if not transition(
-        engine, payment.id, [PaymentState.PENDING], PaymentState.SENDING, guard_token=token, next_attempt_at=None
+        engine,
+        payment.id,
+        [PaymentState.PENDING],
+        PaymentState.SENDING,
+        guard_token=token,
+        next_attempt_at=None,
     ):
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
@@ -94,7 +99,9 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
         defer(payment, decision.retry_after, guard_refusal_reason(reason), PaymentState.SENDING)
-        log.info("payment %s deferred by the guard (%s) for %.0fs", payment.id, reason.value, decision.retry_after)
+        log.info(
+            "payment %s deferred by the guard (%s) for %.0fs", payment.id, reason.value, decision.retry_after
+        )
         return SendResult.DEFERRED, None
 
     settings = runtime.settings()

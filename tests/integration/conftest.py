@@ -49,7 +49,9 @@ def wait_for_state() -> Callable[..., Payment]:
     from worker import runtime
     from worker.ledger import get_payment
 
-    def wait(payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 30) -> Payment:
+    def wait(
+        payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 30
+    ) -> Payment:
         deadline = time.monotonic() + timeout_s
         payment = get_payment(runtime.engine(), payment_id)
         while time.monotonic() < deadline:
@@ -57,6 +59,8 @@ def wait_for_state() -> Callable[..., Payment]:
             if payment is not None and payment.state in states:
                 return payment
             time.sleep(0.1)
-        raise AssertionError(f"payment {payment_id} still {payment.state if payment else None} after {timeout_s}s")
+        raise AssertionError(
+            f"payment {payment_id} still {payment.state if payment else None} after {timeout_s}s"
+        )
 
     return wait

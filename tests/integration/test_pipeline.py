@@ -34,7 +34,9 @@ def pushes_for(stack: Stack, external_reference: str) -> int:
     return int(by_reference.get(external_reference, 0))
 
 
-def test_payment_reaches_succeeded_with_its_receipt(stack: Stack, wait_for_state: Callable[..., Payment]) -> None:
+def test_payment_reaches_succeeded_with_its_receipt(
+    stack: Stack, wait_for_state: Callable[..., Payment]
+) -> None:
     handle = enqueue_payment(amount=150, phone_number=PHONE_SUCCESS, external_reference=reference())
     assert handle.queued and handle.created and handle.state == PaymentState.PENDING
     payment = wait_for_state(handle.id)
@@ -81,7 +83,9 @@ def test_a_lost_callback_is_settled_by_transaction_status(
     assert payment.result_desc == "settled by transaction-status"
 
 
-def test_redelivered_task_messages_send_nothing_twice(stack: Stack, wait_for_state: Callable[..., Payment]) -> None:
+def test_redelivered_task_messages_send_nothing_twice(
+    stack: Stack, wait_for_state: Callable[..., Payment]
+) -> None:
     from worker.celery_app import app
 
     handle = enqueue_payment(amount=50, phone_number="0700100099", external_reference=reference())
@@ -100,8 +104,12 @@ def test_redelivered_task_messages_send_nothing_twice(stack: Stack, wait_for_sta
 
 def test_same_request_twice_returns_the_same_payment_and_other_details_conflict(stack: Stack) -> None:
     ref = reference()
-    first = enqueue_payment(amount=60, phone_number=PHONE_SUCCESS, external_reference=ref, customer_name="Amina")
-    again = enqueue_payment(amount=60, phone_number="+254700100001", external_reference=ref, customer_name="Amina")
+    first = enqueue_payment(
+        amount=60, phone_number=PHONE_SUCCESS, external_reference=ref, customer_name="Amina"
+    )
+    again = enqueue_payment(
+        amount=60, phone_number="+254700100001", external_reference=ref, customer_name="Amina"
+    )
     assert (again.id, again.created) == (first.id, False)
     with pytest.raises(PaymentConflictError) as caught:
         enqueue_payment(amount=61, phone_number=PHONE_SUCCESS, external_reference=ref, customer_name="Amina")
@@ -130,7 +138,9 @@ def _queue_length(stack: Stack) -> int:
         ({"channel_id": 0}, "channel_id"),
     ],
 )
-def test_bad_input_records_nothing_and_queues_nothing(stack: Stack, fields: dict[str, Any], bad_field: str) -> None:
+def test_bad_input_records_nothing_and_queues_nothing(
+    stack: Stack, fields: dict[str, Any], bad_field: str
+) -> None:
     before_rows, before_queue = sum(count_by_state(runtime.engine()).values()), _queue_length(stack)
     request: dict[str, Any] = {"amount": 10, "phone_number": PHONE_SUCCESS, "external_reference": reference()}
     request.update(fields)
@@ -252,7 +262,11 @@ def test_duplicate_callback_answers_200_and_changes_nothing(stack: Stack) -> Non
     assert (again.status_code, again.json()["status"]) == (200, "duplicate")
     after = get_payment(runtime.engine(), payment.id)
     assert settled is not None and after is not None
-    assert (after.state, after.receipt, after.updated_at) == (PaymentState.SUCCEEDED, "SAE3YULR0Y", settled.updated_at)
+    assert (after.state, after.receipt, after.updated_at) == (
+        PaymentState.SUCCEEDED,
+        "SAE3YULR0Y",
+        settled.updated_at,
+    )
 
 
 def test_payment_api_needs_a_key_and_masks_the_phone(stack: Stack) -> None:

@@ -62,7 +62,9 @@ def new_reference() -> str:
     return "REL-" + secrets.token_hex(5).upper()
 
 
-def wait(payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 40) -> Payment:
+def wait(
+    payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 40
+) -> Payment:
     deadline = time.monotonic() + timeout_s
     while True:
         payment = get_payment(runtime.engine(), payment_id)
@@ -200,9 +202,7 @@ def test_credentials_refused_pause_sending_then_resume_once_fixed(stack: Stack) 
 def test_worker_killed_mid_send_prompts_once(stack: Stack, tmp_path: Path, point: str) -> None:
     stack.stop_process("worker1")
     marker = tmp_path / "killed"
-    stack.start_worker(
-        "worker-doomed", overrides={"FAULT_KILL_AT": point, "FAULT_MARKER_FILE": str(marker)}
-    )
+    stack.start_worker("worker-doomed", overrides={"FAULT_KILL_AT": point, "FAULT_MARKER_FILE": str(marker)})
     try:
         payment_id, reference = pay()
         payment = wait(payment_id, timeout_s=60)

@@ -89,9 +89,26 @@ def test_faults_run_ends_terminal_with_one_push_per_accepted_payment(redis_serve
     times out 10% of sends and answers 5% with a 5xx."""
     env = {**os.environ, "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/4"}
     run = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "demo", "--scenario", "faults", "--payments", "500",
-         "--workers", "2", "--json", "--timeout", "300"],
-        env=env, capture_output=True, text=True, timeout=420, check=False,
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "demo",
+            "--scenario",
+            "faults",
+            "--payments",
+            "500",
+            "--workers",
+            "2",
+            "--json",
+            "--timeout",
+            "300",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
