@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue  # type: ignore[attr-defined]
 
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, SettingsError, get_settings
 
 SINGLE_QUEUE = "single"  # payments from web apps: dispatched ahead of bulk batches
 BULK_QUEUE = "bulk"
@@ -64,4 +64,36 @@ def build_app(settings: Settings) -> Celery:
     return celery
 
 
-app = build_app(get_settings())
+def _startup_settings() -> Settings:
+    try:
+        return get_settings()
+    except SettingsError as error:
+        # `celery -A worker ...` with a missing variable: say which, not a traceback.
+        raise SystemExit(f"stkpush: {error}") from None
+
+
+app = build_app(_startup_settings())
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    # Connecting this signal tells Celery to leave logging to us: the same redacting handler as the web app.
+    from worker.logs import setup_logging
+
+    setup_logging(get_settings(), level=loglevel or "INFO")
+
+
+@signals.worker_init.connect
+def _refuse_unmigrated_database(**_: Any) -> None:
+    from worker.ledger import make_engine
+    from worker.migrations import DatabaseNotMigrated, require_migrated
+
+    # A throwaway engine: the prefork pool forks after this, and children must not share its connections.
+    engine = make_engine(get_settings().sqlalchemy_url)
+    try:
+        require_migrated(engine)
+    except DatabaseNotMigrated as error:
+        # SystemExit, not an exception: Celery logs and ignores exceptions raised by signal handlers.
+        raise SystemExit(f"stkpush: {error}") from None
+    finally:
+        engine.dispose()

@@ -19,6 +19,8 @@ from sqlalchemy import Engine, UniqueConstraint, event, update
 from sqlalchemy.engine import make_url
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
+from worker.logs import log_state_change
+
 
 class PaymentState(StrEnum):
     PENDING = "PENDING"  # recorded; a stk_push message is (or should be) queued
@@ -174,8 +176,10 @@ def transition(
         update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(allowed)).values(**values)
     )
     with engine.begin() as connection:
-        result = connection.execute(statement)
-        return bool(result.rowcount == 1)
+        moved = bool(connection.execute(statement).rowcount == 1)
+    if moved:
+        log_state_change(payment_id, to_state.value, fields.get("reason"))
+    return moved
 
 
 def mark(engine: Engine, payment_id: str, **fields: Any) -> None:

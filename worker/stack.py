@@ -41,17 +41,32 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | Non
     raise RuntimeError(f"{url} did not answer within {timeout_s}s")
 
 
+def _reconfigure() -> None:
+    """Rebuild this process's settings-derived resources and the Celery app's broker configuration."""
+    from worker import runtime
+    from worker.celery_app import app, celery_config
+    from worker.settings import SettingsError
+
+    runtime.reset()
+    try:
+        app.conf.update(celery_config(runtime.settings()))
+    except SettingsError:
+        return  # the restored environment has no stkpush settings: nothing to point at
+    app.close()  # drop connections pooled for the previous broker URL
+    app.amqp._producer_pool = None  # close() keeps the producer pool, which still points at the old broker
+
+
 @dataclass
 class Stack:
     """Start with `with Stack(...) as stack:`; `stack.env` is the environment every part runs with."""
 
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="stkpush-")))
     redis_url: str | None = None  # use this Redis (under a private key prefix) instead of starting one
     database_url: str | None = None  # default: a SQLite file in workdir
     scenario: str = '{"default": {"outcomes": {"success": 1.0}}}'
     sandbox_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
-    log_to: Path | None = None  # where children's output goes (default: workdir/<name>.log)
+    log_to: Path | None = None  # keep logs, ledger and scenario here (default: a temporary folder, deleted)
+    workers: int = 1  # `celery worker` processes started by `with Stack(...)`
     token: str = field(default_factory=lambda: "sbx_" + secrets.token_urlsafe(18))
     account: str = field(default_factory=lambda: "acct-" + secrets.token_hex(4))
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -61,21 +76,31 @@ class Stack:
     sandbox_url: str = ""
     web_url: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _saved_environ: dict[str, str] | None = None
+    workdir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.log_to is not None:
+            self.log_to.mkdir(parents=True, exist_ok=True)
+            self.workdir = self.log_to
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="stkpush-"))
 
     # ---- start -----------------------------------------------------------------------------------------
-    def start(self, *, web: bool = True, workers: int = 1, beat: bool = True) -> Stack:
+    def start(self, *, web: bool = True, workers: int | None = None, beat: bool = True) -> Stack:
         try:
             self._start_redis()
             self._write_env()
             self._start_sandbox()
-            from worker.ledger import create_schema, make_engine
+            from worker.ledger import make_engine
+            from worker.migrations import upgrade
 
             engine = make_engine(self.env["DATABASE_URL"])
-            create_schema(engine)
+            upgrade(engine)
             engine.dispose()
             if web:
                 self.start_web()
-            for index in range(workers):
+            for index in range(self.workers if workers is None else workers):
                 self.start_worker(f"worker{index + 1}")
             if beat:
                 self.start_beat()
@@ -113,6 +138,7 @@ class Stack:
             "DISPATCH_INTERVAL_S": "0.5",
             "SETTLE_AFTER_S": "5",
             "SETTLE_UNKNOWN_AFTER_S": "2",
+            "SETTLE_POLL_S": "2",
             "SEND_BACKOFF_BASE_S": "0.5",
             "SEND_BACKOFF_CAP_S": "5",
             "STUCK_SENDING_AFTER_S": "20",
@@ -120,19 +146,22 @@ class Stack:
         }
         self.sandbox_port, self.web_port = sandbox_port, web_port
 
-    def child_env(self) -> dict[str, str]:
+    def child_env(self, overrides: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("UPESIPAY_", "CALLBACK_"))}
         env.update(self.env)
+        env.update(overrides or {})
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log_path = (self.log_to or self.workdir) / f"{name}.log"
+    def _spawn(
+        self, name: str, argv: list[str], overrides: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "ab")
         self._logs.append(log_file)
         process = subprocess.Popen(
             argv,
-            env=self.child_env(),
+            env=self.child_env(overrides),
             cwd=self.workdir,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -180,7 +209,12 @@ class Stack:
         )
         wait_http(f"{self.web_url}/healthz", 30, process)
 
-    def start_worker(self, name: str = "worker1", concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, name: str = "worker1", concurrency: int = 2, overrides: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A `celery worker` process; `overrides` changes its environment only (a wrong token, a fail-point)."""
+        log_path = self.workdir / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         process = self._spawn(
             name,
             [
@@ -191,7 +225,7 @@ class Stack:
                 "worker",
                 "worker",
                 "-Q",
-                "single,bulk,maintenance",
+                "maintenance,single,bulk",
                 "-c",
                 str(concurrency),
                 "-n",
@@ -201,20 +235,22 @@ class Stack:
                 "-l",
                 "info",
             ],
+            overrides,
         )
-        self._wait_worker_ready(name, process)
+        self._wait_worker_ready(log_path, offset, process)
         return process
 
-    def _wait_worker_ready(self, name: str, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-        log_path = (self.log_to or self.workdir) / f"{name}.log"
+    def _wait_worker_ready(
+        self, log_path: Path, offset: int, process: subprocess.Popen[bytes], timeout_s: float = 60
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {process.returncode}: see {log_path}")
-            if log_path.exists() and b" ready." in log_path.read_bytes():
+                raise RuntimeError(f"worker exited with code {process.returncode}: see {log_path}")
+            if log_path.exists() and b" ready." in log_path.read_bytes()[offset:]:
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"{name} not ready within {timeout_s}s: see {log_path}")
+        raise RuntimeError(f"worker not ready within {timeout_s}s: see {log_path}")
 
     def start_beat(self) -> None:
         self._spawn(
@@ -249,6 +285,7 @@ class Stack:
             process.wait()
 
     def stop(self) -> None:
+        self.deactivate()
         for name in list(self.processes):
             self.stop_process(name)
         for log_file in self._logs:
@@ -284,14 +321,18 @@ class Stack:
     # ---- use ---------------------------------------------------------------------------------------------
     def activate(self) -> None:
         """Point this process's settings at the stack (producers, ledger reads, guard snapshots)."""
+        self._saved_environ = dict(os.environ)
         os.environ.update(self.env)
-        from worker import runtime
+        _reconfigure()
 
-        runtime.reset()
-        from worker.celery_app import app, celery_config
-
-        app.conf.update(celery_config(runtime.settings()))
-        app.close()  # drop connections pooled for the previous broker URL
+    def deactivate(self) -> None:
+        """Give this process back the environment it had before activate()."""
+        if self._saved_environ is None:
+            return
+        os.environ.clear()
+        os.environ.update(self._saved_environ)
+        self._saved_environ = None
+        _reconfigure()
 
     def sandbox_stats(self) -> dict[str, object]:
         response = httpx.get(f"{self.sandbox_url}/sandbox/stats", timeout=5)
@@ -300,5 +341,5 @@ class Stack:
         return data
 
     def log_text(self, name: str) -> str:
-        path = (self.log_to or self.workdir) / f"{name}.log"
+        path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
