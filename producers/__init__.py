@@ -1,5 +1,6 @@
 """What a web app imports to request payments."""
 
+from producers.batch import ingest_batch
 from producers.enqueue import PaymentConflictError, PaymentHandle, enqueue_payment
 from producers.validation import FieldError, PaymentRequest, PaymentValidationError, validate_payment
 
@@ -10,5 +11,6 @@ __all__ = [
     "PaymentRequest",
     "PaymentValidationError",
     "enqueue_payment",
+    "ingest_batch",
     "validate_payment",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -140,19 +141,59 @@ def db() -> None:
 
 @db.command()
 def upgrade() -> None:
-    """Create or upgrade the ledger's tables."""
+    """Create or upgrade the ledger's tables (Alembic migrations to the newest revision)."""
     from worker import runtime
-    from worker.ledger import create_schema
+    from worker.logs import setup_logging
+    from worker.migrations import DatabaseNotMigrated, current_revisions
+    from worker.migrations import upgrade as upgrade_schema
 
-    create_schema(runtime.engine())
-    click.echo("database is up to date")
+    setup_logging(runtime.settings())
+    try:
+        upgrade_schema(runtime.engine())
+    except DatabaseNotMigrated as error:
+        fail(str(error))
+    click.echo(f"database is up to date (revision {', '.join(sorted(current_revisions(runtime.engine())))})")
+
+
+@db.command()
+def check() -> None:
+    """Exit 1 unless the database is migrated and matches the models (no drift)."""
+    from worker import runtime
+    from worker.migrations import DatabaseNotMigrated, require_migrated, schema_drift
+
+    try:
+        require_migrated(runtime.engine())
+    except DatabaseNotMigrated as error:
+        fail(str(error), code=1)
+    differences = schema_drift(runtime.engine())
+    if differences:
+        fail(f"the database differs from the models: {differences}", code=1)
+    click.echo("database is migrated and matches the models")
 
 
 @main.command()
 @click.option("--payments", default=12, show_default=True, help="How many sample payments to push.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary instead of a table.")
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for payments to settle.")
-def demo(payments: int, as_json: bool, timeout: float) -> None:
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for payments to settle.")
+@click.option(
+    "--scenario",
+    type=click.Choice(["mixed", "faults"]),
+    default="mixed",
+    show_default=True,
+    help="mixed: one number per outcome (success, cancel, failures, no callback, rejected). faults: one number "
+    "per payment while the sandbox drops 20% of callbacks, duplicates 10%, times out 10% of sends and answers "
+    "5% with a 5xx (try --payments 500).",
+)
+@click.option("--workers", default=1, show_default=True, help="`celery worker` processes to start.")
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep every process's log (and the SQLite ledger) in this folder instead of deleting them.",
+)
+def demo(
+    payments: int, as_json: bool, timeout: float, scenario: str, workers: int, log_dir: Path | None
+) -> None:
     """Start everything on this machine, push a sample batch with mixed outcomes, print what happened.
 
     Starts (and afterwards stops) Redis if REDIS_URL does not answer, the UpesiPay sandbox, the web app, a
@@ -160,7 +201,14 @@ def demo(payments: int, as_json: bool, timeout: float) -> None:
     """
     from worker.demo import run_demo
 
-    summary = run_demo(payments=payments, timeout_s=timeout, echo=None if as_json else click.echo)
+    summary = run_demo(
+        payments=payments,
+        timeout_s=timeout,
+        echo=None if as_json else click.echo,
+        scenario=scenario,
+        workers=workers,
+        log_dir=log_dir,
+    )
     if as_json:
         click.echo(json.dumps(summary, default=str))
     sys.exit(0 if summary["all_settled"] else 1)
@@ -173,6 +221,16 @@ def _register_sandbox() -> None:
 
 
 _register_sandbox()
+
+
+def _register_batch() -> None:
+    from worker.batch_cli import batch_command, batch_status_command
+
+    main.add_command(batch_command, name="batch")
+    main.add_command(batch_status_command, name="batch-status")
+
+
+_register_batch()
 
 if __name__ == "__main__":
     main()

@@ -9,14 +9,20 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from worker import runtime
+from worker import metrics, runtime
+from worker.dashboard import router as dashboard_router
 from worker.ledger import Payment, find_by_reference, get_payment, utcnow
+from worker.logs import setup_logging
+from worker.metrics import router as metrics_router
+from worker.migrations import DatabaseNotMigrated, require_migrated
 from worker.phones import PhoneNumberError, mask_phone, normalise_phone
 from worker.settlement import RESULT_SUCCESS, finish, state_for_result
 from worker.signing import signature_matches
@@ -79,12 +85,27 @@ def callback_mismatch(payment: Payment, response: dict[str, Any]) -> str | None:
     return None
 
 
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # Serving callbacks against a schema the code does not expect could lose them: refuse to start instead.
+    try:
+        require_migrated(runtime.engine())
+    except DatabaseNotMigrated as error:
+        log.critical("%s", error)
+        raise
+    yield
+
+
 def create_app() -> FastAPI:
+    setup_logging(runtime.settings())
     app = FastAPI(
         title="stkpush",
         description="M-Pesa STK push payments through UpesiPay: callbacks, payments API, health.",
         version="0.1.0",
+        lifespan=lifespan,
     )
+    app.include_router(metrics_router)
+    app.include_router(dashboard_router)
 
     @app.post("/callbacks/upesipay/{payment_id}/{signature}", include_in_schema=False)
     async def upesipay_callback(payment_id: str, signature: str, request: Request) -> JSONResponse:
@@ -125,6 +146,7 @@ def create_app() -> FastAPI:
             or str(response.get("CheckoutRequestID", ""))[:100],
             reason=None if state.value == "SUCCEEDED" else f"M-Pesa result {result_code}",
         )
+        metrics.record_callback(result_code, changed)
         log.info(
             "callback for payment %s: result %d, %s",
             payment.id,
@@ -160,4 +182,7 @@ def create_app() -> FastAPI:
             status_code=200 if healthy else 503,
         )
 
+    from worker.api import router as api_router
+
+    app.include_router(api_router)
     return app
