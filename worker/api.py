@@ -38,8 +38,13 @@ from worker.web import payment_view, require_api_key
 
 log = logging.getLogger("stkpush.api")
 
+
 # Uploads and rejects files live here (per machine): the web process stores an upload, ingests it, deletes it.
-BATCH_DIR = Path(tempfile.gettempdir()) / "stkpush-batches"
+def batch_dir() -> Path:
+    configured = runtime.settings().batch_dir
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / "stkpush-batches"
+
+
 # A batch file of a million rows is ~60 MB; anything far beyond that is a mistake or an attack.
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 MAX_PAYMENT_BYTES = 16 * 1024
@@ -210,7 +215,7 @@ def _ingest_upload(upload: Path, batch_id: str, file_format: FileFormat, all_or_
             file_format=file_format,
             batch_id=batch_id,
             all_or_nothing=all_or_nothing,
-            rejects_path=BATCH_DIR / f"{batch_id}.rejects.csv",
+            rejects_path=batch_dir() / f"{batch_id}.rejects.csv",
         )
     except Exception as error:  # ingest_batch records its own failures; this is the thread's last word
         log.error("batch %s: ingestion thread stopped: %s", batch_id, type(error).__name__)
@@ -257,8 +262,8 @@ async def create_batch(
     if fmt is None:
         rule = "give ?format=csv or jsonl, a Content-Type of text/csv or application/x-ndjson, or a name ending .csv"
         return problem(422, "unknown file format", [{"field": "format", "rule": rule}])
-    await anyio.to_thread.run_sync(lambda: BATCH_DIR.mkdir(parents=True, exist_ok=True))
-    upload = BATCH_DIR / f"{secrets.token_hex(16)}.upload"
+    await anyio.to_thread.run_sync(lambda: batch_dir().mkdir(parents=True, exist_ok=True))
+    upload = batch_dir() / f"{secrets.token_hex(16)}.upload"
     size = 0
     try:
         async with await anyio.open_file(upload, "wb") as spool:

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     account_failure_limit: int = Field(default=50, ge=1)
     account_window_s: int = Field(default=6 * 3600, ge=1)
 
+    # Where POST /batches spools uploads and where HTTP batches' rejects files are kept (operators clean it up);
+    # empty: <system temp>/stkpush-batches.
+    batch_dir: str = ""
+
     # HTTP producer API keys (comma separated); empty disables the producer endpoints.
     api_keys: SecretStr = SecretStr("")
 

@@ -139,6 +139,7 @@ class Stack:
             "SETTLE_AFTER_S": "5",
             "SETTLE_UNKNOWN_AFTER_S": "2",
             "SETTLE_POLL_S": "2",
+            "BATCH_DIR": str(self.workdir / "batches"),
             "SEND_BACKOFF_BASE_S": "0.5",
             "SEND_BACKOFF_CAP_S": "5",
             "STUCK_SENDING_AFTER_S": "20",
