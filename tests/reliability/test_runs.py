@@ -56,7 +56,7 @@ def test_guard_keeps_a_hostile_batch_inside_the_abuse_rules(redis_server: Embedd
     payments: list[str] = CANCELLING * 15 + SILENT * 10 + [f"0733{i:06d}" for i in range(175)]
     random.Random(9).shuffle(payments)
     with Stack(
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/3",
+        redis_url=redis_server.url.rsplit("/", 1)[0] + "/8",
         scenario=json.dumps(hostile_scenario()),
         workers=2,
         extra_env={"SETTLE_AFTER_S": "2", "SETTLE_POLL_S": "1"},
@@ -87,7 +87,7 @@ def test_guard_keeps_a_hostile_batch_inside_the_abuse_rules(redis_server: Embedd
 def test_faults_run_ends_terminal_with_one_push_per_accepted_payment(redis_server: EmbeddedRedis) -> None:
     """`stkpush demo --scenario faults`: 500 payments while the sandbox drops 20% of callbacks, duplicates 10%,
     times out 10% of sends and answers 5% with a 5xx."""
-    env = {**os.environ, "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/4"}
+    env = {**os.environ, "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/9"}
     run = subprocess.run(
         [
             sys.executable,
