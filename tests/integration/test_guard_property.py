@@ -1,0 +1,410 @@
+"""The guard's Lua scripts against a plain-Python model of DESIGN.md's four rules, driven by hypothesis.
+
+Both see the same injected clock (integer milliseconds). After every step the real guard and the model must agree
+on the decision (reason and retry_after included), the resolve and revert answers, and every snapshot. Small limits
+make the boundaries (streak limit, in-flight limit, budget, restriction tiers) come up often; time jumps land on
+and around the exact instants where a rest, a block, a restriction or a window entry ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason
+from worker.phones import mask_phone
+
+HOUR_MS = 3_600_000
+START_MS = 1_700_000_000_000
+PHONES = ("254700000001", "254700000002", "254711111113")
+
+LIMIT_VARIANTS = [
+    GuardLimits(),
+    GuardLimits(
+        phone_streak_limit=3,
+        phone_cooldown_s=2 * 3600,
+        account_failure_limit=5,
+        account_window_s=3600,
+        # Thresholds below the budget stand in for other traffic pushing the window over a tier.
+        restriction_tiers=((4, 3600), (6, 3 * 3600), (8, 10 * 3600)),
+        busy_poll_s=5,
+        phone_memory_s=5 * 3600,
+    ),
+    GuardLimits(
+        phone_streak_limit=2,
+        phone_cooldown_s=3600,
+        phone_max_inflight=2,
+        account_failure_limit=4,
+        account_window_s=1800,
+        restriction_tiers=((3, 2 * 3600),),
+        busy_poll_s=1.5,
+        phone_memory_s=3600,
+    ),
+    GuardLimits(
+        phone_streak_limit=10,
+        account_failure_limit=8,
+        restriction_tiers=((5, 4 * 3600), (6, 24 * 3600), (7, 72 * 3600)),
+        phone_max_inflight=3,
+    ),
+]
+
+
+def ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+@dataclass
+class PhoneModel:
+    streak: int = 0
+    in_flight: int = 0
+    last_failure: int = 0
+    run_start: int = 0  # sequence number of the first failure of the current streak
+
+
+@dataclass(frozen=True)
+class FailureModel:
+    at: int
+    seq: int
+    token: str
+    phone: str
+
+
+@dataclass
+class GuardModel:
+    """DESIGN.md's rules, written plainly, with no Redis and no shared code with the scripts."""
+
+    limits: GuardLimits
+    phones: dict[str, PhoneModel] = field(default_factory=dict)
+    held: dict[str, str] = field(default_factory=dict)
+    failures: list[FailureModel] = field(default_factory=list)
+    restricted_until: int = 0
+    restriction_reason: str = ""
+    blocks: dict[str, int] = field(default_factory=dict)
+    seq: int = 0
+
+    def phone(self, phone: str, now: int) -> PhoneModel:
+        state = self.phones.setdefault(phone, PhoneModel())
+        limit = self.limits.phone_streak_limit
+        rest = ms(self.limits.phone_cooldown_s if state.streak >= limit else self.limits.phone_memory_s)
+        if state.streak and now >= state.last_failure + rest:
+            state.streak, state.last_failure, state.run_start = 0, 0, 0
+        return state
+
+    def window(self, now: int) -> list[FailureModel]:
+        return [f for f in self.failures if f.at > now - ms(self.limits.account_window_s)]
+
+    def admit(self, phone: str, token: str, now: int, budget: int) -> Decision:
+        """`budget` is the admitting guard's account_failure_limit (a second integration may have another)."""
+        lim = self.limits
+        if token in self.held:
+            assert self.held[token] == phone
+            return Decision(True, None, 0.0)
+        if now < self.restricted_until:
+            return Decision(False, RefusalReason.ACCOUNT_RESTRICTED, (self.restricted_until - now) / 1000)
+        if now < self.blocks.get(phone, 0):
+            return Decision(False, RefusalReason.PHONE_BLOCKED, (self.blocks[phone] - now) / 1000)
+        state = self.phone(phone, now)
+        if state.streak >= lim.phone_streak_limit:
+            rest_end = state.last_failure + ms(lim.phone_cooldown_s)
+            return Decision(False, RefusalReason.PHONE_BLOCKED, (rest_end - now) / 1000)
+        if (
+            state.in_flight >= lim.phone_max_inflight
+            or state.streak + state.in_flight >= lim.phone_streak_limit
+        ):
+            return Decision(False, RefusalReason.PHONE_BUSY, lim.busy_poll_s)
+        window = sorted(f.at for f in self.window(now))
+        must_leave = len(window) + len(self.held) - budget + 1
+        if must_leave > 0:
+            if must_leave <= len(window):
+                leaves_at = window[must_leave - 1] + ms(lim.account_window_s)
+                return Decision(False, RefusalReason.ACCOUNT_BUDGET, (leaves_at - now) / 1000)
+            return Decision(False, RefusalReason.ACCOUNT_BUDGET, lim.busy_poll_s)
+        self.held[token] = phone
+        state.in_flight += 1
+        return Decision(True, None, 0.0)
+
+    def resolve(self, token: str, outcome: Outcome, now: int) -> bool:
+        if token not in self.held:
+            return False
+        phone = self.held.pop(token)
+        state = self.phone(phone, now)
+        state.in_flight = max(state.in_flight - 1, 0)
+        if outcome is Outcome.SUCCESS:
+            state.streak, state.last_failure, state.run_start = 0, 0, 0
+        elif outcome is Outcome.FAILURE:
+            self.seq += 1
+            if state.streak == 0:
+                state.run_start = self.seq
+            state.streak += 1
+            state.last_failure = now
+            self.failures.append(FailureModel(now, self.seq, token, phone))
+            count = len(self.window(now))
+            for threshold, seconds in self.limits.restriction_tiers:
+                if count == threshold + 1:
+                    self.restrict(now + ms(seconds), f"more than {threshold} failures in the window")
+        return True
+
+    def revert(self, token: str, now: int) -> bool:
+        mine = [f for f in self.window(now) if f.token == token]
+        if not mine:
+            return False
+        latest = max(mine, key=lambda f: f.seq)
+        self.failures.remove(latest)
+        state = self.phone(latest.phone, now)
+        if state.streak > 0 and latest.seq >= state.run_start:
+            state.streak -= 1
+            if state.streak == 0:
+                state.last_failure, state.run_start = 0, 0
+        return True
+
+    def restrict(self, until: int, reason: str) -> None:
+        if until > self.restricted_until:
+            self.restricted_until, self.restriction_reason = until, reason
+
+    def block(self, phone: str, until: int) -> None:
+        self.blocks[phone] = max(self.blocks.get(phone, 0), until)
+
+    def blocked_until(self, phone: str, now: int) -> float | None:
+        state = self.phone(phone, now)
+        ends = [self.blocks.get(phone, 0)]
+        if state.streak >= self.limits.phone_streak_limit:
+            ends.append(state.last_failure + ms(self.limits.phone_cooldown_s))
+        end = max(ends)
+        return end / 1000 if end > now else None
+
+    def boundaries(self) -> list[int]:
+        """Instants at which some refusal ends or some state changes by itself."""
+        lim = self.limits
+        times = [self.restricted_until, *self.blocks.values()]
+        times += [f.at + ms(lim.account_window_s) for f in self.failures]
+        for state in self.phones.values():
+            if state.streak:
+                times += [
+                    state.last_failure + ms(lim.phone_cooldown_s),
+                    state.last_failure + ms(lim.phone_memory_s),
+                ]
+        return times
+
+
+ADMIT = st.tuples(st.just("admit"), st.sampled_from(PHONES), st.integers(0, 1))
+# Failures weigh double: they drive every limit. The pick mostly lands on a held token.
+RESOLVE = st.tuples(
+    st.just("resolve"),
+    st.sampled_from([Outcome.SUCCESS, Outcome.FAILURE, Outcome.FAILURE, Outcome.RELEASED]),
+    st.integers(0, 9),
+)
+TICK = st.tuples(st.just("tick"), st.integers(0, 120_000), st.just(0))
+# A late success callback: takes back one of the recent failures (or tries a token that never failed).
+REVERT = st.tuples(st.just("revert"), st.just(""), st.integers(0, 8))
+# A new attempt that reuses a settled token (so one token can own two failures in the window).
+REUSE = st.tuples(st.just("reuse"), st.sampled_from(PHONES), st.integers(0, 3))
+TRAFFIC = st.lists(
+    st.one_of(ADMIT, ADMIT, ADMIT, RESOLVE, RESOLVE, RESOLVE, TICK, REVERT, REUSE), min_size=4, max_size=24
+)
+
+
+class GuardMachine(RuleBasedStateMachine):
+    url = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client = redis.Redis.from_url(self.url)
+        self.client.flushdb()
+        self.now = START_MS
+        self.tokens = 0
+        self.settled: list[str] = []
+        self.failed: list[str] = []
+
+    def clock(self) -> float:
+        return self.now / 1000
+
+    @initialize(limits=st.sampled_from(LIMIT_VARIANTS), collect_every_admit=st.booleans())
+    def build(self, limits: GuardLimits, collect_every_admit: bool) -> None:
+        # Two guards on one account stand for two workers. The second has a larger budget: it stands for other
+        # traffic on the account, so the window can pass the first guard's budget and the restriction tiers.
+        self.guards = [
+            Guard(self.client, "acct", limits, clock=self.clock),
+            Guard(
+                self.client,
+                "acct",
+                replace(limits, account_failure_limit=limits.account_failure_limit + 3),
+                clock=self.clock,
+            ),
+        ]
+        if collect_every_admit:
+            # Collecting dead phone fields on every admit must never change a decision.
+            for guard in self.guards:
+                guard._collect_above(0)
+        self.model = GuardModel(limits)
+
+    def teardown(self) -> None:
+        self.client.close()
+
+    def admit(self, worker: int, phone: str, token: str) -> None:
+        guard = self.guards[worker]
+        expected = self.model.admit(phone, token, self.now, guard.limits.account_failure_limit)
+        assert guard.admit(phone, token) == expected
+
+    def resolve(self, worker: int, token: str, outcome: Outcome) -> None:
+        changed = self.guards[worker].resolve(token, outcome)
+        assert changed == self.model.resolve(token, outcome, self.now)
+        if changed:
+            self.settled.append(token)
+            if outcome is Outcome.FAILURE:
+                self.failed.append(token)
+
+    def revert(self, token: str) -> None:
+        assert self.guards[1].revert_failure(token) == self.model.revert(token, self.now)
+
+    @rule(actions=TRAFFIC)
+    def traffic(self, actions: list[tuple[str, object, int]]) -> None:
+        """Admits on fresh tokens, resolves of held (or settled, or unknown) tokens, seconds passing."""
+        for kind, what, pick in actions:
+            if kind == "admit":
+                self.tokens += 1
+                self.admit(pick, str(what), f"t{self.tokens}")
+            elif kind == "resolve":
+                held = sorted(self.model.held)
+                if held and pick < 8:
+                    token = held[pick % len(held)]
+                else:
+                    token = self.settled[-1] if self.settled and pick == 8 else "unknown"
+                self.resolve(pick % 2, token, Outcome(str(what)))
+            elif kind == "revert":
+                choices = [*self.failed[-8:], self.settled[-1] if self.settled else "unknown"]
+                self.revert(choices[pick % len(choices)])
+            elif kind == "reuse":
+                settled = [t for t in self.settled[-4:] if t not in self.model.held]
+                if settled:
+                    self.admit(pick % 2, str(what), settled[pick % len(settled)])
+            else:
+                self.now += int(str(what))
+
+    @rule(data=st.data())
+    def admit_again(self, data: st.DataObject) -> None:
+        """A redelivered task: its token is still held."""
+        if self.model.held:
+            token = data.draw(st.sampled_from(sorted(self.model.held)))
+            self.admit(data.draw(st.integers(0, 1)), self.model.held[token], token)
+
+    @rule(
+        phone=st.sampled_from(PHONES),
+        seconds=st.sampled_from([0.5, 5, 60, 600, 24 * 3600]),
+        account_wide=st.booleans(),
+        reason=st.sampled_from(["HTTP 429", "abuse"]),
+    )
+    def provider_answers(self, phone: str, seconds: float, account_wide: bool, reason: str) -> None:
+        """The provider restricts the account, or blocks one number."""
+        if account_wide:
+            seconds = min(seconds, 600)
+            self.guards[0].restrict_account(seconds, reason)
+            self.model.restrict(self.now + ms(seconds), reason)
+        else:
+            self.guards[0].block_phone(phone, seconds)
+            self.model.block(phone, self.now + ms(seconds))
+
+    @rule(step=st.one_of(st.integers(0, HOUR_MS), st.integers(HOUR_MS, 30 * HOUR_MS)))
+    def time_passes(self, step: int) -> None:
+        self.now += step
+
+    @rule(data=st.data(), offset=st.sampled_from([-1, 0, 1]))
+    def time_reaches_a_boundary(self, data: st.DataObject, offset: int) -> None:
+        ahead = sorted({t + offset for t in self.model.boundaries() if t + offset > self.now})
+        if ahead:
+            self.now = data.draw(st.sampled_from(ahead))
+
+    @invariant()
+    def snapshots_agree(self) -> None:
+        if not hasattr(self, "model"):
+            return
+        model = self.model
+        window = len(model.window(self.now))
+        restricted = model.restricted_until > self.now
+        for guard in self.guards:
+            expected = (
+                window,
+                len(model.held),
+                model.restricted_until / 1000 if restricted else None,
+                model.restriction_reason if restricted else None,
+                max(guard.limits.account_failure_limit - window - len(model.held), 0),
+                sum(1 for until in model.blocks.values() if until > self.now),
+            )
+            got = guard.account_snapshot()
+            actual = (
+                got.failures_in_window,
+                got.in_flight,
+                got.restricted_until,
+                got.restriction_reason,
+                got.headroom,
+                got.blocked_numbers,
+            )
+            assert actual == expected
+        for phone in PHONES:
+            state = model.phone(phone, self.now)
+            snapshot = self.guards[1].phone_snapshot(phone)
+            assert snapshot.phone == mask_phone(phone)
+            assert (snapshot.streak, snapshot.in_flight, snapshot.blocked_until) == (
+                state.streak,
+                state.in_flight,
+                model.blocked_until(phone, self.now),
+            )
+
+    @invariant()
+    def decisions_agree_for_every_number(self) -> None:
+        """Ask both guards about every number now (then release): a refusal's reason and retry_after too.
+
+        A release after an admit leaves the rules' state as it was, so this probes the decision at every instant
+        the machine reaches, the exact ends of rests, blocks, restrictions and window entries included.
+        """
+        if not hasattr(self, "model"):
+            return
+        for worker in (0, 1):
+            for phone in PHONES:
+                self.admit(worker, phone, "probe")
+                if "probe" in self.model.held:
+                    self.resolve(worker, "probe", Outcome.RELEASED)
+                    self.settled.pop()
+
+    @invariant()
+    def rules_hold(self) -> None:
+        """The rules themselves, on the model the guard has just agreed with."""
+        if not hasattr(self, "model"):
+            return
+        lim = self.model.limits
+        for phone in PHONES:
+            state = self.model.phone(phone, self.now)
+            assert state.streak + state.in_flight <= lim.phone_streak_limit
+            assert state.in_flight <= lim.phone_max_inflight
+        # The larger of the two budgets: the traffic of both guards never takes window + in flight past it.
+        budget = self.guards[1].limits.account_failure_limit
+        assert len(self.model.window(self.now)) + len(self.model.held) <= budget
+
+
+def test_guard_scripts_agree_with_the_model(redis_url: str) -> None:
+    GuardMachine.url = redis_url
+    run_state_machine_as_test(
+        GuardMachine,
+        settings=settings(
+            max_examples=200,
+            stateful_step_count=50,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
+
+
+@pytest.mark.parametrize("limits", LIMIT_VARIANTS[1:2])
+def test_model_refuses_the_eleventh_failure_like_the_provider(limits: GuardLimits) -> None:
+    """The model itself is checked: without it the comparison above could agree on a wrong rule."""
+    model = GuardModel(limits)
+    for i in range(limits.phone_streak_limit):
+        assert model.admit(PHONES[0], f"t{i}", START_MS, limits.account_failure_limit).admitted
+        model.resolve(f"t{i}", Outcome.FAILURE, START_MS)
+    refused = model.admit(PHONES[0], "next", START_MS, limits.account_failure_limit)
+    assert refused.reason is RefusalReason.PHONE_BLOCKED
+    assert refused.retry_after == limits.phone_cooldown_s

@@ -1,0 +1,63 @@
+-- admit(phone, token): decide and, when admitted, reserve, in one atomic step.
+-- ARGV: 2 phone, 3 token (ARGV[1] and KEYS: see guard_lib.lua)
+-- Returns one integer (a small reply on the hot path): 0 admitted; -1 the token already holds a reservation for
+-- another number; otherwise (retry_ms + 1) * 8 + reason, reason 1 phone blocked, 2 phone busy, 3 account budget,
+-- 4 account restricted, and retry_ms -1 when only a resolve can help.
+local state, window_key, blocks = KEYS[1], KEYS[2], KEYS[3]
+local phone, reservation = ARGV[2], 't:' .. ARGV[3]
+
+-- One read: the token's reservation, the number's state, in flight, restriction, latest block end, TTL due.
+local got = redis.call('HMGET', state, reservation, phone, 'n', 'ru', 'bz', 'x')
+
+-- A redelivered task admits again with the same token: it already holds the reservation.
+if got[1] then
+  if got[1] == phone then
+    return 0
+  end
+  return -1
+end
+
+local now, streak_limit, cooldown, memory, max_inflight, budget, window, idle = read_args(ARGV[1])
+
+local restricted_until = tonumber(got[4] or '0')
+if now < restricted_until then
+  return (restricted_until - now + 1) * 8 + 4
+end
+local blocks_until = tonumber(got[5] or '0')
+if now < blocks_until then
+  -- Some number's block is still running: is it this one?
+  local blocked_until = tonumber(redis.call('ZSCORE', blocks, phone) or '0')
+  if now < blocked_until then
+    return (blocked_until - now + 1) * 8 + 1
+  end
+end
+
+local s, n, lf, fs = phone_state(got[2], now, streak_limit, cooldown, memory)
+if s >= streak_limit then
+  return (lf + cooldown - now + 1) * 8 + 1
+end
+-- Every send in flight may still fail, so it counts against the streak as well as the in-flight limit.
+if n >= max_inflight or s + n >= streak_limit then
+  return 2
+end
+
+-- Entries older than the window may linger until a trim; count only those inside it.
+local window_start = string.format('%d', now - window)
+local failures = redis.call('ZCOUNT', window_key, '(' .. window_start, '+inf')
+local in_flight = tonumber(got[3] or '0')
+local excess = failures + in_flight - budget + 1
+if excess > 0 then
+  if excess <= failures then
+    -- Exact: once the excess-th oldest failure slides out, the budget has room (if nothing else changes).
+    redis.call('ZREMRANGEBYSCORE', window_key, '-inf', window_start)
+    local entry = redis.call('ZRANGE', window_key, excess - 1, excess - 1, 'WITHSCORES')
+    return (tonumber(entry[2]) + window - now + 1) * 8 + 3
+  end
+  return 3
+end
+
+redis.call('HSET', state, reservation, phone, phone, phone_value(s, n + 1, lf, fs), 'n', in_flight + 1)
+if now >= tonumber(got[6] or '0') then
+  redis.call('HSET', state, 'x', top_up_state(state, now, idle, restricted_until, blocks_until))
+end
+return 0
