@@ -27,18 +27,25 @@ from worker.embedded import EmbeddedRedis, free_port, redis_answers
 SANDBOX_CHANNEL_ID = 2133
 
 
-def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_http(
+    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None, log_path: Path | None = None
+) -> None:
+    """Until `url` answers below 500; fails early if `process` exits, quoting `log_path` when given."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with code {process.returncode} before answering")
+            log = f":\n{log_path.read_text(errors='replace')}" if log_path is not None else ""
+            raise RuntimeError(
+                f"process for {url} exited with code {process.returncode} before answering{log}"
+            )
         try:
             if httpx.get(url, timeout=1.0).status_code < 500:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s")
+    log = f":\n{log_path.read_text(errors='replace')}" if log_path is not None else ""
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s{log}")
 
 
 def _reconfigure() -> None:

@@ -33,6 +33,7 @@ from worker.migrations import upgrade
 from worker.pause import CredentialsPause
 from worker.phones import mask_phone
 from worker.settings import Settings
+from worker.stack import wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -73,22 +74,6 @@ def stop_group(process: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"exited with {process.returncode} before {url} answered:\n{log_path.read_text()}"
-            )
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="session")
