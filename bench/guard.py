@@ -111,9 +111,9 @@ def one_rep(client: redis.Redis, url: str, rep: int, ops: int, slice_ops: int = 
 def bytes_per_number(client: redis.Redis, numbers: int) -> tuple[float, int, int]:
     """Populate `numbers` numbers with real state (admitted, then resolved as a failure: streak 1).
 
-    Default limits, except that numbers are remembered for ten years: the injected clock jumps one window ahead
-    after every 50 numbers (the budget), so 100,000 numbers span 500 days of guard time, and with the default
-    30-day memory the early ones would be forgotten and collected, which would flatter the figure.
+    Default limits, except that numbers are remembered for ten years: the budget admits 49 failures per window, so
+    the injected clock jumps one window ahead after every 49 numbers and 100,000 numbers span 510 days of guard
+    time; with the default 30-day memory the early ones would be forgotten and collected, flattering the figure.
     """
     client.flushdb()
     now = [1_700_000_000.0]

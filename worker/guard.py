@@ -52,12 +52,12 @@ DEFAULT_RESTRICTION_TIERS: tuple[tuple[int, float], ...] = ((50, 4 * HOUR_S), (5
 # How long a streak below the limit is remembered after the number's last failure. The provider documents no
 # expiry for a streak, so this is long; it exists so that memory per account stays bounded.
 DEFAULT_PHONE_MEMORY_S = 30 * DAY_S
-# The phones hash is collected only above this size: below it, Redis keeps the hash as a compact listpack and
-# the dead fields it may hold are few.
+# Dead number fields (a rest that ended, a forgotten streak) are collected only once the state hash holds more
+# fields than this: below it, Redis keeps the hash as a compact listpack and the dead fields it may hold are few.
 GC_MIN_FIELDS = 256
-# Random fields examined (and deleted when dead) at each resolve: every admit creates at most one field and every
-# reservation is resolved once, so dead fields settle at about 1/GC_SAMPLE of the hash (memory within ~1.33x of
-# the live state).
+# Random fields examined (and deleted when dead) per failure: only failures leave fields that die by time alone, so
+# dead fields settle at about 1/GC_SAMPLE of the hash (memory within ~1.5x of the live state). The scripts do it
+# on every fourth failure, four failures' worth at once (guard_lib.lua).
 GC_SAMPLE = 3
 # Account names become part of a Redis Cluster hash tag, so braces are not allowed (same rule as Settings).
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -226,9 +226,9 @@ class Guard:
         self._redis = redis
         self._clock = clock
         # The hash tag puts every key of the account in one Redis Cluster slot, so the scripts stay legal there.
-        # Keys are kept encoded: they go out on every call. Every script gets the same three (guard_lib.lua).
+        # Keys are kept encoded: they go out on every call. Every script gets the same two (guard_lib.lua).
         prefix = f"stkpush:{{{account}}}:".encode()
-        self._keys = (prefix + b"s", prefix + b"w", prefix + b"b")
+        self._keys = (prefix + b"s", prefix + b"w")
         self._rules = self._time_and_rules = b""
         self._collect_above(GC_MIN_FIELDS)
 
@@ -321,6 +321,7 @@ class Guard:
         )
 
     # -- plumbing (the argument builders are also used by bench/guard.py to pipeline) --------------------------
+    # The hot paths pass keys and arguments pre-encoded and as few as possible: redis-py packs each one per call.
 
     def _head(self) -> bytes:
         """ARGV[1] of every script: the clock (negative: Redis TIME), then the packed limits (guard_lib.lua)."""
@@ -329,9 +330,9 @@ class Guard:
         return struct.pack(">d", _ms(self._clock())) + self._rules
 
     def _collect_above(self, fields: int) -> None:
-        """Collect dead phone fields once the phones hash holds more than `fields` (tests use 0)."""
+        """Collect dead number fields once the state hash holds more than `fields` (tests use 0)."""
         lim = self.limits
-        # Account, phones and reservations hashes expire together after this long without a write.
+        # The state hash lives at least this long after the account's last admit or failure (docs/guard.md).
         idle_s = max(lim.phone_memory_s, lim.account_window_s, lim.phone_cooldown_s)
         rules = (
             lim.phone_streak_limit,

@@ -3,7 +3,7 @@
 -- Returns one integer (a small reply on the hot path): 0 admitted; -1 the token already holds a reservation for
 -- another number; otherwise (retry_ms + 1) * 8 + reason, reason 1 phone blocked, 2 phone busy, 3 account budget,
 -- 4 account restricted, and retry_ms -1 when only a resolve can help.
-local state, window_key, blocks = KEYS[1], KEYS[2], KEYS[3]
+local state, window_key = KEYS[1], KEYS[2]
 local phone, reservation = ARGV[2], 't:' .. ARGV[3]
 
 -- One read: the token's reservation, the number's state, in flight, restriction, latest block end, TTL due.
@@ -26,9 +26,9 @@ end
 local blocks_until = tonumber(got[5] or '0')
 if now < blocks_until then
   -- Some number's block is still running: is it this one?
-  local blocked_until = tonumber(redis.call('ZSCORE', blocks, phone) or '0')
-  if now < blocked_until then
-    return (blocked_until - now + 1) * 8 + 1
+  local block_end = blocked_until(redis.call('HGET', state, 'bl'), phone)
+  if now < block_end then
+    return (block_end - now + 1) * 8 + 1
   end
 end
 

@@ -1,6 +1,6 @@
 -- Shared by every guard script: worker/guard.py prepends this file to each script body before loading it.
 --
--- KEYS, in every script: 1 the account's state hash, 2 its failure window zset, 3 its blocks zset.
+-- KEYS, in every script: 1 the account's state hash, 2 its failure window zset.
 -- ARGV[1], in every script: the clock and the guard's limits, packed once by guard.py with struct ('>d' the
 -- injected clock in ms, negative for Redis TIME; '>9d' the limits; then ";threshold:duration" per restriction
 -- tier). redis-py packs every argument on every call, so one is cheaper than eleven, and struct.unpack is cheaper
@@ -13,7 +13,8 @@
 --   n               reservations in flight (present from the first admit on)
 --   q               the account's failure sequence number
 --   ru, rr          restricted until (ms) and why
---   bz              the latest end of any number's block, so admit reads the blocks set only while one runs
+--   bl              the provider's blocks on numbers: ';<phone>:<until ms>' each (rare, so a short string)
+--   bz              the latest end in bl, so admit reads bl only while some block runs
 --   x, xw           guard time until which the state hash's and the window's TTLs need no top-up
 -- One hash keeps a tracked number under 100 bytes, and lets resolve (which only knows the token) reach the
 -- number's state through a key passed in KEYS. run_seq is the sequence number of the first failure of the
@@ -106,6 +107,14 @@ local function restrict(state, now, duration, reason)
     redis.call('HSET', state, 'ru', string.format('%d', until_ms), 'rr', reason)
     outlive(state, duration)
   end
+end
+
+-- When the provider's block on `phone` ends (ms), or 0. `blocks` is the bl field.
+local function blocked_until(blocks, phone)
+  if not blocks then
+    return 0
+  end
+  return tonumber(string.match(blocks, ';' .. phone .. ':(%d+)') or '0')
 end
 
 -- Look at a few random fields of the state hash and delete the numbers whose state died by time alone (a rest

@@ -39,7 +39,7 @@ if outcome ~= 'failure' then
 end
 
 local now, streak_limit, cooldown, memory, _, _, window, idle, gc_min, gc_sample, tiers = read_args(ARGV[1])
-local got = redis.call('HMGET', state, phone, 'n', 'q', 'x', 'xw', 'ru', 'bz')
+local got = redis.call('HMGET', state, phone, 'n', 'q', 'x', 'xw')
 local s, n, lf, fs = phone_state(got[1], now, streak_limit, cooldown, memory)
 if n > 0 then
   n = n - 1
@@ -59,7 +59,8 @@ lf = now
 -- be topped up before the writes.
 local extra = {'n', in_flight, 'q', seq}
 if now >= tonumber(got[4] or '0') then
-  local due = top_up_state(state, now, idle, tonumber(got[6] or '0'), tonumber(got[7] or '0'))
+  local ends = redis.call('HMGET', state, 'ru', 'bz')
+  local due = top_up_state(state, now, idle, tonumber(ends[1] or '0'), tonumber(ends[2] or '0'))
   extra[#extra + 1], extra[#extra + 2] = 'x', due
 end
 

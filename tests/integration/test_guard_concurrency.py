@@ -16,6 +16,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event
+from typing import cast
 
 import redis
 
@@ -114,14 +115,14 @@ def test_processes_sharing_one_guard_never_break_a_rule(redis_url: str) -> None:
     for process in processes:
         process.start()
     start.set()
-    outputs = [results.get(timeout=60) for _ in range(WORKERS)]
-    violations, samples = monitor_results.get(timeout=60)  # type: ignore[misc]
+    outputs = [cast(tuple[list[Hold], Counter[str]], results.get(timeout=60)) for _ in range(WORKERS)]
+    violations, samples = cast(tuple[list[str], int], monitor_results.get(timeout=60))
     for process in processes:
         process.join(timeout=30)
         assert process.exitcode == 0
 
-    holds: list[Hold] = [hold for part, _ in outputs for hold in part]  # type: ignore[attr-defined]
-    refusals: Counter[str] = sum((counts for _, counts in outputs), Counter())  # type: ignore[arg-type]
+    holds = [hold for part, _ in outputs for hold in part]
+    refusals: Counter[str] = sum((counts for _, counts in outputs), Counter())
 
     by_phone: dict[str, list[Hold]] = defaultdict(list)
     for hold in holds:

@@ -223,8 +223,8 @@ class GuardMachine(RuleBasedStateMachine):
     def clock(self) -> float:
         return self.now / 1000
 
-    @initialize(limits=st.sampled_from(LIMIT_VARIANTS), collect_every_admit=st.booleans())
-    def build(self, limits: GuardLimits, collect_every_admit: bool) -> None:
+    @initialize(limits=st.sampled_from(LIMIT_VARIANTS), collect_small_hashes=st.booleans())
+    def build(self, limits: GuardLimits, collect_small_hashes: bool) -> None:
         # Two guards on one account stand for two workers. The second has a larger budget: it stands for other
         # traffic on the account, so the window can pass the first guard's budget and the restriction tiers.
         self.guards = [
@@ -236,8 +236,9 @@ class GuardMachine(RuleBasedStateMachine):
                 clock=self.clock,
             ),
         ]
-        if collect_every_admit:
-            # Collecting dead phone fields on every admit must never change a decision.
+        if collect_small_hashes:
+            # Collecting dead number fields (every fourth failure, even in a small hash) must never change a
+            # decision.
             for guard in self.guards:
                 guard._collect_above(0)
         self.model = GuardModel(limits)
