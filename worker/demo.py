@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,10 @@ def push_counts(stack: Stack, rows: list[Payment]) -> dict[str, int]:
     }
 
 
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(143)
+
+
 def run_demo(
     *,
     payments: int,
@@ -103,6 +108,8 @@ def run_demo(
     log_dir: Path | None = None,
 ) -> dict[str, Any]:
     say = echo or (lambda _text: None)
+    # SIGTERM (a timeout, an impatient parent) unwinds like Ctrl-C, so the stack below stops what it started.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = time.monotonic()
     environment = DemoEnvironment()
     scenario_json = json.dumps(SCENARIOS[scenario]())
