@@ -68,12 +68,7 @@ def release_deferred() -> int:
             .order_by(_single_first(), col(Payment.next_attempt_at), col(Payment.created_at))  # type: ignore[arg-type]
             .limit(min(headroom, TICK_LIMIT))
         ).all()
-    released = 0
-    for payment_id, queue in rows:
-        if transition(
-            runtime.engine(), payment_id, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None
-        ):
-            released += publish_payment(payment_id, queue=queue)
+    released = sum(_release(payment_id, queue) for payment_id, queue in rows)
     if released:
         log.info("released %d deferred payments (headroom %d)", released, headroom)
     return released
@@ -102,14 +97,15 @@ def _release_oldest(condition: Any) -> bool:
             .order_by(_single_first(), col(Payment.created_at))  # type: ignore[arg-type]
             .limit(1)
         ).first()
-    if row is None:
-        return False
-    payment_id, queue = row
-    if not transition(
+    return row is not None and _release(*row)
+
+
+def _release(payment_id: str, queue: str) -> bool:
+    """DEFERRED -> PENDING, then queue it; False if another release got there first or the broker is away."""
+    moved = transition(
         runtime.engine(), payment_id, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None
-    ):
-        return False
-    return publish_payment(payment_id, queue=queue)
+    )
+    return moved and publish_payment(payment_id, queue=queue)
 
 
 def guard_refusal_reason(reason: RefusalReason) -> str:
