@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.embedded import EmbeddedRedis  # noqa: E402
+from worker.local.embedded_redis import EmbeddedRedis  # noqa: E402
 
 
 def write_file(path: Path, rows: int) -> None:

@@ -25,8 +25,8 @@ from limits.strategies import MovingWindowRateLimiter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.embedded import EmbeddedRedis
 from worker.guard import Guard, GuardLimits, Outcome
+from worker.local.embedded_redis import EmbeddedRedis
 
 # Throughput runs: every admit is admitted (the full path: checks, reservation, phone update, TTLs), so the
 # budget and streak limits are set out of the way. Like a bulk invoice batch, every admit is for a number the

@@ -1,6 +1,6 @@
 """How fast the sandbox takes STK pushes, against a trivial FastAPI endpoint measured in the same run.
 
-Both servers run as uvicorn subprocesses with the same settings (worker.sandbox_cli.serve) on loopback. The load
+Both servers run as uvicorn subprocesses with the same settings (worker.sandbox.cli.serve) on loopback. The load
 is POST /api/v2/payments with valid bodies and no callback_url (callbacks off; outcomes still happen), sent by a
 small asyncio HTTP/1.1 client over keep-alive connections, so that the client costs far less than either server.
 Runs alternate baseline and sandbox; the medians and their ratio are printed.
@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/sandbox.py` from a checkou
 
 import httpx  # noqa: E402
 
-from worker.embedded import free_port  # noqa: E402
+from worker.local.embedded_redis import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 CREATED = {"success": True, "status": "QUEUED", "reference": "E8UWT7CLUW", "CheckoutRequestID": "ws_CO_1"}
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline:
-        from worker.sandbox_cli import serve
+        from worker.sandbox.cli import serve
 
         serve(baseline_app(), HOST, args.serve_baseline)
         return
@@ -152,7 +152,7 @@ def main() -> None:
     sandbox_port, baseline_port = free_port(), free_port()
     python = sys.executable
     sandbox = start(
-        [python, "-m", "worker.sandbox_cli", "--port", str(sandbox_port), "--token", token,
+        [python, "-m", "worker.sandbox.cli", "--port", str(sandbox_port), "--token", token,
          "--scenario", '{"default": "success"}', "--callback-delay", "1"],
         sandbox_port,
     )  # fmt: skip

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.embedded import EmbeddedRedis
+from worker.local.embedded_redis import EmbeddedRedis
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -71,7 +71,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture
 def shared_redis_url() -> str:
     """The machine's shared Redis: used only under a private key prefix, for tests that prove we leave no litter."""
-    from worker.embedded import redis_answers
+    from worker.local.embedded_redis import redis_answers
 
     url = os.environ.get("STKPUSH_TEST_SHARED_REDIS_URL", "redis://127.0.0.1:6379/0")
     if not redis_answers(url):

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from worker.embedded import EmbeddedRedis
 from worker.ledger import TERMINAL_STATES, Payment, PaymentState
-from worker.stack import Stack
+from worker.local.embedded_redis import EmbeddedRedis
+from worker.local.stack import Stack
 
 # Phones with a fixed outcome in the integration scenario (the sandbox's names).
 PHONE_SUCCESS = "0700100001"

@@ -22,7 +22,7 @@ from tests.integration.conftest import (
 )
 from worker import runtime
 from worker.ledger import Payment, PaymentState, count_by_state, get_payment, session_scope
-from worker.stack import Stack
+from worker.local.stack import Stack
 
 
 def reference() -> str:

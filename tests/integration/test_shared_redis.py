@@ -10,7 +10,7 @@ import time
 import redis
 
 from worker.ledger import PaymentState, get_payment
-from worker.stack import Stack
+from worker.local.stack import Stack
 
 
 def test_a_stack_on_a_shared_redis_removes_exactly_its_own_keys(shared_redis_url: str) -> None:

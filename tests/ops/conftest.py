@@ -25,15 +25,15 @@ import httpx
 import pytest
 import redis
 
-from worker.embedded import EmbeddedRedis, free_port
 from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason
 from worker.ledger import Batch, BatchState, Payment, PaymentState, make_engine, session_scope, utcnow
+from worker.local.embedded_redis import EmbeddedRedis, free_port
+from worker.local.stack import wait_http
 from worker.metrics import CALLBACKS, SETTLEMENTS, SharedMetrics
 from worker.migrations import upgrade
 from worker.pause import CredentialsPause
 from worker.phones import mask_phone
 from worker.settings import Settings
-from worker.stack import wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -241,7 +241,7 @@ def seeded_web(ops_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "ACCOUNT_FAILURE_LIMIT": str(FAILURE_LIMIT),
     }
     log_path = workdir / "web.log"
-    argv = [sys.executable, "-m", "uvicorn", "worker.web:create_app", "--factory", "--port", str(port)]
+    argv = [sys.executable, "-m", "uvicorn", "worker.web.app:create_app", "--factory", "--port", str(port)]
     process = spawn(argv, env, workdir, log_path)
     try:
         wait_http(f"{url}/healthz", 30, process, log_path)
@@ -410,7 +410,7 @@ def procfile_run(ops_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -
         [
             sys.executable,
             "-m",
-            "worker.sandbox_cli",
+            "worker.sandbox.cli",
             "--port",
             str(sandbox_port),
             "--token",

@@ -82,12 +82,12 @@ def test_a_scrape_without_redis_still_reports_the_ledger(seeded_web: SeededWeb) 
     import sys
 
     from tests.ops.conftest import spawn, stop_group, wait_http
-    from worker.embedded import free_port
+    from worker.local.embedded_redis import free_port
 
     port = free_port()
     env = {**seeded_web.env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     log_path = seeded_web.log_path.with_name("web-no-redis.log")
-    argv = [sys.executable, "-m", "uvicorn", "worker.web:create_app", "--factory", "--port", str(port)]
+    argv = [sys.executable, "-m", "uvicorn", "worker.web.app:create_app", "--factory", "--port", str(port)]
     process: subprocess.Popen[bytes] = spawn(argv, env, seeded_web.log_path.parent, log_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/dashboard/data", 30, process, log_path)

@@ -13,8 +13,8 @@ from sqlalchemy import Engine, inspect, text
 from sqlmodel import SQLModel
 
 from tests.ops.conftest import BIN, clean_environ, settings_env
-from worker.embedded import free_port
 from worker.ledger import create_schema, make_engine
+from worker.local.embedded_redis import free_port
 from worker.migrations import (
     NOT_MIGRATED,
     DatabaseNotMigrated,

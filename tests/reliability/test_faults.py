@@ -16,9 +16,9 @@ import pytest
 
 from producers import enqueue_payment
 from worker import runtime
-from worker.embedded import EmbeddedRedis
 from worker.ledger import TERMINAL_STATES, Payment, PaymentState, get_payment
-from worker.stack import Stack
+from worker.local.embedded_redis import EmbeddedRedis
+from worker.local.stack import Stack
 
 CALM: dict[str, Any] = {"seed": 5, "callback_delay_s": 0.1, "default": "success"}
 # Short deadlines so each case settles in seconds; the rules are the production ones.

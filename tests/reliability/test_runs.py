@@ -16,9 +16,9 @@ from sqlmodel import col, select
 
 from producers import enqueue_payment
 from worker import runtime
-from worker.embedded import EmbeddedRedis
 from worker.ledger import TERMINAL_STATES, Payment, PaymentState, count_by_state, session_scope
-from worker.stack import Stack
+from worker.local.embedded_redis import EmbeddedRedis
+from worker.local.stack import Stack
 
 pytestmark = pytest.mark.slow
 

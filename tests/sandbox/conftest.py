@@ -17,8 +17,8 @@ import httpx
 import pytest
 import uvicorn
 
-from worker.embedded import free_port
-from worker.sandbox import SandboxConfig, Scenario, create_app
+from worker.local.embedded_redis import free_port
+from worker.sandbox.app import SandboxConfig, Scenario, create_app
 
 TOKEN = "sbx_test_token_1"
 OTHER_TOKEN = "sbx_test_token_2"

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import httpx
 
 from tests.sandbox.conftest import OTHER_TOKEN, RunningSandbox, StartSandbox
-from worker.sandbox import AbuseLimits, AccountTier, SandboxClock
+from worker.sandbox.app import AbuseLimits, AccountTier, SandboxClock
 
 HOUR = 3600
 PHONE = "0712345678"

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.sandbox.conftest import CallbackReceiver, StartSandbox
-from worker.embedded import free_port
+from worker.local.embedded_redis import free_port
 
 PHONE = "0712345678"
 

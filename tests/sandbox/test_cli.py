@@ -1,4 +1,4 @@
-"""`python -m worker.sandbox_cli` (registered as `stkpush sandbox`): its help, and a real run as a subprocess."""
+"""`python -m worker.sandbox.cli` (registered as `stkpush sandbox`): its help, and a real run as a subprocess."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 from click.testing import CliRunner
 
-from worker.embedded import free_port
-from worker.sandbox_cli import sandbox_command
-from worker.sandbox_scenario import OUTCOME_NAMES
+from worker.local.embedded_redis import free_port
+from worker.sandbox.cli import sandbox_command
+from worker.sandbox.scenario import OUTCOME_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_the_command_serves_the_sandbox_and_logs_no_phone_number_or_token(tmp_pa
     scenario = tmp_path / "scenario.json"
     scenario.write_text(json.dumps({"phones": {phone: "cancelled"}, "callback_delay_s": 0}))
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.sandbox_cli", "--port", str(port), "--token", token,
+        [sys.executable, "-m", "worker.sandbox.cli", "--port", str(port), "--token", token,
          "--scenario", str(scenario), "--log-level", "info"],
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.sandbox.conftest import StartSandbox
-from worker.sandbox import SandboxClock, SandboxConfig, Scenario, ScenarioError, load_scenario
+from worker.sandbox.app import SandboxClock, SandboxConfig, Scenario, ScenarioError, load_scenario
 
 
 @pytest.mark.parametrize(

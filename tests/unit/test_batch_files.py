@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from producers.batch_files import (
+from producers.batch.reading import (
     AMOUNT_TEXT_RULE,
     LINE_TOO_LONG,
     MAX_LINE_BYTES,

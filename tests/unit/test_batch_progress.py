@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from producers.batch import BatchCounts
-from producers.batch_files import ReadProgress
-from worker.batch_cli import ProgressDisplay
+from producers.batch.reading import ReadProgress
+from worker.cli.batch import ProgressDisplay
 
 
 def test_without_a_terminal_progress_is_one_plain_line_per_tenth_of_the_file(

@@ -16,7 +16,6 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
-from worker.embedded import free_port
 from worker.guard import (
     Decision,
     Guard,
@@ -25,6 +24,7 @@ from worker.guard import (
     Outcome,
     RefusalReason,
 )
+from worker.local.embedded_redis import free_port
 from worker.settings import load_settings
 
 START = 1_700_000_000.0
@@ -492,7 +492,7 @@ def test_admit_fails_closed_without_naming_the_number(
     closed_port_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     guard = Guard(closed_port_client, "acct", SMALL)
-    with caplog.at_level(logging.WARNING, logger="worker.guard"):
+    with caplog.at_level(logging.WARNING, logger="worker.guard.guard"):
         decision = guard.admit(PHONE, "t1")
     assert decision == Decision(False, RefusalReason.GUARD_UNAVAILABLE, 7.0)
     assert caplog.records

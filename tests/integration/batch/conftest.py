@@ -11,9 +11,9 @@ import pytest
 from sqlmodel import col, func, select
 
 from worker import runtime
-from worker.embedded import EmbeddedRedis
 from worker.ledger import Payment, session_scope
-from worker.stack import Stack
+from worker.local.embedded_redis import EmbeddedRedis
+from worker.local.stack import Stack
 
 HEADER = "external_reference,phone_number,amount,customer_name\n"
 

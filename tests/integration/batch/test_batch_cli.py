@@ -15,13 +15,13 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from producers.batch import REFERENCE_REQUIRED, ingest_batch
-from producers.batch_files import AMOUNT_TEXT_RULE, NOT_UTF8
+from producers.batch.reading import AMOUNT_TEXT_RULE, NOT_UTF8
 from tests.integration.batch.conftest import HEADER, payment_count, payments_with_references, queue_length
 from worker import runtime
 from worker.cli import main
-from worker.embedded import free_port
 from worker.ledger import BatchState, PaymentState, transition, utcnow
-from worker.stack import Stack
+from worker.local.embedded_redis import free_port
+from worker.local.stack import Stack
 
 AMOUNT_RANGE = "must be between 1 and 150000 shillings"
 

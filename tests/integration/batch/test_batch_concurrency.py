@@ -15,7 +15,7 @@ from producers.batch import BatchReport, ingest_batch
 from tests.integration.batch.conftest import HEADER, payments_with_references
 from worker import runtime
 from worker.ledger import BatchState, create_schema
-from worker.stack import Stack
+from worker.local.stack import Stack
 
 ROWS = 3000
 

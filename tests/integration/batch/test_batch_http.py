@@ -13,7 +13,7 @@ from sqlmodel import func, select
 from tests.integration.batch.conftest import HEADER, payment_count, payments_with_references, queue_length
 from worker import runtime
 from worker.ledger import Batch, session_scope
-from worker.stack import Stack
+from worker.local.stack import Stack
 
 
 def key(stack: Stack) -> dict[str, str]:

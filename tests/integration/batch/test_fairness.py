@@ -13,9 +13,9 @@ from producers import enqueue_payment
 from producers.batch import ingest_batch
 from tests.integration.batch.conftest import HEADER, payments_with_references, queue_length
 from worker import runtime
-from worker.embedded import EmbeddedRedis
 from worker.ledger import get_payment
-from worker.stack import Stack
+from worker.local.embedded_redis import EmbeddedRedis
+from worker.local.stack import Stack
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 -- Read-only views for operators and the release loop; one round trip, one clock reading, no writes.
--- ARGV: 2 phone, or '' for the account view (ARGV[1] and KEYS: see guard_lib.lua)
+-- ARGV: 2 phone, or '' for the account view (ARGV[1] and KEYS: see lib.lua)
 -- Phone view: {streak, in_flight, blocked_until ms or 0}.
 -- Account view: {failures_in_window, in_flight, restricted_until ms or 0, reason or '', blocked numbers}.
 local state, window_key = KEYS[1], KEYS[2]

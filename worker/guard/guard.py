@@ -4,7 +4,7 @@ It keeps four rules true: a number never reaches more than `phone_streak_limit` 
 `phone_max_inflight` prompts are in flight per number, failures in the sliding window never exceed
 `account_failure_limit`, and a restricted account sends nothing. Sends in flight count as possible failures.
 
-Every decision is one Lua script (worker/guard_*.lua) run atomically by Redis in one round trip, so workers on any
+Every decision is one Lua script (worker/guard/*.lua) run atomically by Redis in one round trip, so workers on any
 number of machines see one consistent state; the clock is Redis TIME unless a clock is injected. docs/guard.md
 has the key layout, the scripts and the exact semantics.
 """
@@ -57,7 +57,7 @@ DEFAULT_PHONE_MEMORY_S = 30 * DAY_S
 GC_MIN_FIELDS = 256
 # Random fields examined (and deleted when dead) per failure: only failures leave fields that die by time alone, so
 # dead fields settle at about 1/GC_SAMPLE of the hash (memory within ~1.5x of the live state). The scripts do it
-# on every fourth failure, four failures' worth at once (guard_lib.lua).
+# on every fourth failure, four failures' worth at once (lib.lua).
 GC_SAMPLE = 3
 # Account names become part of a Redis Cluster hash tag, so braces are not allowed (same rule as Settings).
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -154,7 +154,7 @@ class GuardLimits:
     phone_memory_s: float = DEFAULT_PHONE_MEMORY_S
 
     def __post_init__(self) -> None:
-        # Both are stored in 16 bits per number (guard_lib.lua).
+        # Both are stored in 16 bits per number (lib.lua).
         _positive_int("phone_streak_limit", self.phone_streak_limit, 65_535)
         _positive_int("phone_max_inflight", self.phone_max_inflight, 65_535)
         _positive_int("account_failure_limit", self.account_failure_limit)
@@ -190,7 +190,7 @@ class GuardLimits:
 @cache
 def _script_text(name: str) -> str:
     folder = Path(__file__).parent
-    return (folder / "guard_lib.lua").read_text() + "\n" + (folder / f"guard_{name}.lua").read_text()
+    return (folder / "lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
 
 
 def _text(value: Any) -> str:
@@ -226,7 +226,7 @@ class Guard:
         self._redis = redis
         self._clock = clock
         # The hash tag puts every key of the account in one Redis Cluster slot, so the scripts stay legal there.
-        # Keys are kept encoded: they go out on every call. Every script gets the same two (guard_lib.lua).
+        # Keys are kept encoded: they go out on every call. Every script gets the same two (lib.lua).
         prefix = f"stkpush:{{{account}}}:".encode()
         self._keys = (prefix + b"s", prefix + b"w")
         self._rules = self._time_and_rules = b""
@@ -324,7 +324,7 @@ class Guard:
     # The hot paths pass keys and arguments pre-encoded and as few as possible: redis-py packs each one per call.
 
     def _head(self) -> bytes:
-        """ARGV[1] of every script: the clock (negative: Redis TIME), then the packed limits (guard_lib.lua)."""
+        """ARGV[1] of every script: the clock (negative: Redis TIME), then the packed limits (lib.lua)."""
         if self._clock is None:
             return self._time_and_rules
         return struct.pack(">d", _ms(self._clock())) + self._rules
@@ -343,10 +343,10 @@ class Guard:
             _ms(lim.account_window_s),
             _ms(idle_s),
             fields,
-            GC_SAMPLE * 4,  # every fourth failure samples four failures' worth (guard_lib.lua)
+            GC_SAMPLE * 4,  # every fourth failure samples four failures' worth (lib.lua)
         )
         tiers = "".join(f";{threshold}:{_ms(seconds)}" for threshold, seconds in lim.restriction_tiers)
-        # Packed once, read with struct.unpack by every script (guard_lib.lua): one argument instead of eleven.
+        # Packed once, read with struct.unpack by every script (lib.lua): one argument instead of eleven.
         self._rules = struct.pack(">9d", *rules) + tiers.encode()
         self._time_and_rules = struct.pack(">d", -1) + self._rules
 

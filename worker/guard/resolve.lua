@@ -1,5 +1,5 @@
 -- resolve(token, outcome): settle one reservation, in one atomic step.
--- ARGV: 2 token, 3 outcome ('success' | 'failure' | 'released') (ARGV[1] and KEYS: see guard_lib.lua)
+-- ARGV: 2 token, 3 outcome ('success' | 'failure' | 'released') (ARGV[1] and KEYS: see lib.lua)
 -- Returns 1 when a reservation was settled, 0 for an unknown or already settled token (nothing changes).
 local state, window_key = KEYS[1], KEYS[2]
 local reservation, outcome = 't:' .. ARGV[2], ARGV[3]

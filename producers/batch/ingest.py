@@ -15,12 +15,11 @@ only while its rows are inserted.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from itertools import islice
@@ -31,7 +30,8 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col
 
-from producers.batch_files import (
+from producers.batch.publish import publish_bulk
+from producers.batch.reading import (
     BatchFileError,
     FileFormat,
     FileRow,
@@ -39,6 +39,8 @@ from producers.batch_files import (
     format_for_name,
     read_rows,
 )
+from producers.batch.rejects import RejectsFile
+from producers.batch.report import BatchCounts, BatchReport
 from producers.enqueue import differing_fields
 from producers.validation import FieldError, PaymentRequest, PaymentValidationError, validate_payment
 from worker import runtime
@@ -53,10 +55,6 @@ CHUNK_ROWS = 1000
 # How many skipped line numbers a report lists (the count is always exact).
 SKIPPED_LINES_SHOWN = 10
 REFERENCE_REQUIRED = "is required in a batch file (it is what makes running the file again safe)"
-STK_PUSH_TASK = "stkpush.stk_push"
-# Publishing gives up fast when Redis is away: the rows stay recorded and the dispatcher queues them later.
-BROKER_CONNECT_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
-REJECTS_COLUMNS = ("line", "field", "rule")
 
 
 class _Mode(Enum):
@@ -65,81 +63,7 @@ class _Mode(Enum):
     CHUNKED = "recording and queueing"  # commit and publish chunk by chunk
 
 
-@dataclass
-class BatchCounts:
-    rows_total: int = 0
-    rows_recorded: int = 0
-    rows_rejected: int = 0  # bad rows (listed in the rejects file)
-    rows_skipped: int = 0  # already recorded with the same details
-    rows_conflicting: int = 0  # reference already used with other details (listed in the rejects file)
-    amount_requested: int = 0
-    rows_queued: int = 0  # stk_push messages published by this run
-
-    @property
-    def bad_rows(self) -> int:
-        return self.rows_rejected + self.rows_conflicting
-
-
-@dataclass(frozen=True)
-class BatchReport:
-    """What one ingestion did."""
-
-    batch_id: str
-    state: BatchState
-    counts: BatchCounts
-    rejects_path: str | None
-    error: str | None = None
-    skipped_lines: tuple[int, ...] = ()  # the first few, for the operator
-    not_queued: int = 0  # this batch's rows recorded but not (yet) on the broker: the dispatcher queues them
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batch_id": self.batch_id,
-            "state": self.state.value,
-            **asdict(self.counts),
-            "rows_not_queued": self.not_queued,
-            "rejects_path": self.rejects_path,
-            "error": self.error,
-            "skipped_lines": list(self.skipped_lines),
-        }
-
-
 ProgressCallback = Callable[[str, ReadProgress, BatchCounts], None]
-
-
-class RejectsFile:
-    """The rejects CSV (line, field, rule), opened on the first bad row. Never holds a value from the file.
-
-    A chunk's rejects are found in two steps (row rules, then references), so they are held until the chunk
-    ends and written in line order."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.written = False
-        self._pending: list[tuple[int, FieldError]] = []
-        self._stream: IO[str] | None = None
-
-    def add(self, line: int, error: FieldError) -> None:
-        self._pending.append((line, error))
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if self.path is None or not pending:
-            return
-        if self._stream is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._stream = self.path.open("w", newline="", encoding="utf-8")
-            csv.writer(self._stream).writerow(REJECTS_COLUMNS)
-            self.written = True
-        writer = csv.writer(self._stream)
-        for line, error in sorted(pending, key=lambda item: item[0]):
-            writer.writerow((line, error.field, error.rule))
-
-    def close(self) -> None:
-        self.flush()
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
 
 
 @dataclass(frozen=True)
@@ -646,108 +570,3 @@ class _Ingestion:
 
 def _value_given(value: Any) -> bool:
     return value is not None and not (isinstance(value, str) and not value.strip())
-
-
-def publish_bulk(payment_ids: list[str]) -> int:
-    """Publish stk_push(id) for every id on the bulk queue through one Redis pipeline, then note queued_at in one
-    UPDATE. Returns how many were published: all of them, or 0 when the broker could not take them."""
-    from celery.utils import uuid as task_id
-
-    from worker.celery_app import BULK_QUEUE, app
-
-    try:
-        with app.producer_or_acquire() as producer:
-            producer.connection.ensure_connection(**BROKER_CONNECT_POLICY)
-            with producer.batch(max_size=len(payment_ids) + 1):
-                for payment_id in payment_ids:
-                    # Built directly, without the task-sent event send_task adds: that event doubles the cost of
-                    # every message, and Flower still sees the task once a worker receives it. The default
-                    # exchange routes by queue name, so the queue needs no declaring per message; and the
-                    # argument's repr is plain (an id), so Celery's safe-repr walk is skipped.
-                    message = app.amqp.create_task_message(
-                        task_id(),
-                        STK_PUSH_TASK,
-                        [payment_id],
-                        {},
-                        create_sent_event=False,
-                        ignore_result=True,
-                        argsrepr=repr([payment_id]),
-                        kwargsrepr="{}",
-                    )
-                    app.amqp.send_task_message(
-                        producer, STK_PUSH_TASK, message, queue=BULK_QUEUE, retry=False, declare=[]
-                    )
-    except Exception as error:  # kombu wraps broker failures in several types; all mean "not (surely) queued"
-        log.warning(
-            "%d batch payments not queued: broker unavailable (%s)", len(payment_ids), type(error).__name__
-        )
-        return 0
-    with runtime.engine().begin() as connection:
-        connection.execute(update(Payment).where(col(Payment.id).in_(payment_ids)).values(queued_at=utcnow()))
-    return len(payment_ids)
-
-
-# ---- batch status -----------------------------------------------------------------------------------------
-
-
-def batch_status(batch_id: str) -> dict[str, Any] | None:
-    """The batch record with its payments counted by state, money requested and collected, and why payments
-    wait (DEFERRED reasons); None when this account has no such batch."""
-    engine = runtime.engine()
-    with session_scope(engine) as session:
-        batch = session.get(Batch, batch_id)
-    if batch is None or batch.account != runtime.settings().upesipay_account:
-        return None
-    with engine.connect() as connection:
-        by_state = {state.value: 0 for state in PaymentState}
-        requested = collected = 0
-        for state, count, amount in connection.execute(
-            select(col(Payment.state), func.count(), func.coalesce(func.sum(col(Payment.amount)), 0))
-            .where(col(Payment.batch_id) == batch_id)
-            .group_by(Payment.state)
-        ):
-            by_state[PaymentState(state).value] = int(count)
-            requested += int(amount)
-            if PaymentState(state) == PaymentState.SUCCEEDED:
-                collected = int(amount)
-        deferred = {
-            str(reason or "unspecified"): int(count)
-            for reason, count in connection.execute(
-                select(col(Payment.reason), func.count())
-                .where(col(Payment.batch_id) == batch_id, col(Payment.state) == PaymentState.DEFERRED)
-                .group_by(Payment.reason)
-            )
-        }
-        not_queued = connection.execute(
-            select(func.count()).where(
-                col(Payment.batch_id) == batch_id,
-                col(Payment.state) == PaymentState.PENDING,
-                col(Payment.queued_at).is_(None),
-            )
-        ).scalar_one()
-    return {
-        "batch_id": batch.id,
-        "source_name": batch.source_name,
-        "state": BatchState(batch.state).value,
-        "all_or_nothing": batch.all_or_nothing,
-        "rows_total": batch.rows_total,
-        "rows_recorded": batch.rows_recorded,
-        "rows_rejected": batch.rows_rejected,
-        "rows_skipped": batch.rows_skipped,
-        "rows_conflicting": batch.rows_conflicting,
-        "payments_by_state": by_state,
-        "recorded_not_yet_queued": int(not_queued),
-        "amount_requested": requested,
-        "amount_collected": collected,
-        "deferred_reasons": deferred,
-        "rejects_path": batch.rejects_path,
-        "error": batch.error,
-        "created_at": batch.created_at.isoformat(),
-        "finished_at": batch.finished_at.isoformat() if batch.finished_at else None,
-    }
-
-
-def iter_rejects(path: str | Path, limit: int | None = None) -> Iterator[dict[str, str]]:
-    """The rows of a rejects file (line, field, rule), at most `limit` of them."""
-    with open(path, newline="", encoding="utf-8") as stream:
-        yield from islice(csv.DictReader(stream), limit)

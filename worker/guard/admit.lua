@@ -1,5 +1,5 @@
 -- admit(phone, token): decide and, when admitted, reserve, in one atomic step.
--- ARGV: 2 phone, 3 token (ARGV[1] and KEYS: see guard_lib.lua)
+-- ARGV: 2 phone, 3 token (ARGV[1] and KEYS: see lib.lua)
 -- Returns one integer (a small reply on the hot path): 0 admitted; -1 the token already holds a reservation for
 -- another number; otherwise (retry_ms + 1) * 8 + reason, reason 1 phone blocked, 2 phone busy, 3 account budget,
 -- 4 account restricted, and retry_ms -1 when only a resolve can help.

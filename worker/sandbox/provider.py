@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 import httpx
 
 from worker.phones import mask_phone
-from worker.sandbox_rules import AccountRules
-from worker.sandbox_scenario import OUTCOMES, OutcomePlan, Scenario
+from worker.sandbox.rules import AccountRules
+from worker.sandbox.scenario import OUTCOMES, OutcomePlan, Scenario
 
 if TYPE_CHECKING:
-    from worker.sandbox import SandboxConfig
+    from worker.sandbox.config import SandboxConfig
 
 log = logging.getLogger("stkpush.sandbox")
 

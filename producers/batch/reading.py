@@ -2,7 +2,7 @@
 
 The reader streams: it holds one physical line (at most `MAX_LINE_BYTES`) and one row at a time, so memory does
 not grow with the file. It judges only what the file itself says (encoding, shape, how a CSV amount is written);
-the payment rules are `producers.validation`'s, applied by `producers.batch` to every row.
+the payment rules are `producers.validation`'s, applied by `producers.batch.ingest` to every row.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""`stkpush sandbox` / `python -m worker.sandbox_cli`: serve the UpesiPay sandbox with uvicorn."""
+"""`stkpush sandbox` / `python -m worker.sandbox.cli`: serve the UpesiPay sandbox with uvicorn."""
 
 from __future__ import annotations
 
 import click
 import uvicorn
 
-from worker.sandbox import SandboxConfig, create_app
-from worker.sandbox_scenario import Scenario, ScenarioError, load_scenario
+from worker.sandbox.app import SandboxConfig, create_app
+from worker.sandbox.scenario import Scenario, ScenarioError, load_scenario
 
 DEFAULT_PORT = 8070
 # Long enough for in-flight answers, short enough that a `hang` fault never holds a shutdown for long.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:  # the batch modules load only when a batch command runs: every other command starts faster
-    from producers.batch_files import ReadProgress
+    from producers.batch.reading import ReadProgress
 
 # Without a terminal, one progress line per this share of the file (and at least this often in seconds), so a
 # log of a long run shows it moving without drowning in lines.

@@ -22,7 +22,7 @@ from typing import IO
 import httpx
 import redis
 
-from worker.embedded import EmbeddedRedis, free_port, redis_answers
+from worker.local.embedded_redis import EmbeddedRedis, free_port, redis_answers
 
 SANDBOX_CHANNEL_ID = 2133
 
@@ -186,7 +186,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "worker.sandbox_cli",
+                "worker.sandbox.cli",
                 "--port",
                 str(self.sandbox_port),
                 "--token",
@@ -205,7 +205,7 @@ class Stack:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "worker.web:create_app",
+                "worker.web.app:create_app",
                 "--factory",
                 "--host",
                 "127.0.0.1",

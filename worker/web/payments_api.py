@@ -28,13 +28,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from producers.batch import batch_status, ingest_batch, iter_rejects, open_batch
-from producers.batch_files import FileFormat, format_for_media_type, format_for_name
+from producers.batch import (
+    FileFormat,
+    batch_status,
+    format_for_media_type,
+    format_for_name,
+    ingest_batch,
+    iter_rejects,
+    open_batch,
+)
 from producers.enqueue import PaymentConflictError, enqueue_payment
 from producers.validation import PaymentValidationError, validate_payment
 from worker import runtime
-from worker.ledger import get_payment
-from worker.web import payment_view, require_api_key
+from worker.ledger import find_by_reference, get_payment
+from worker.web.access import payment_view, require_api_key
 
 log = logging.getLogger("stkpush.api")
 
@@ -326,3 +333,15 @@ def get_batch_rejects(batch_id: str) -> FileResponse:
     if status is None or not status["rejects_path"] or not Path(status["rejects_path"]).is_file():
         raise HTTPException(404, detail="no rejects for that batch")
     return FileResponse(status["rejects_path"], media_type="text/csv", filename=f"{batch_id}.rejects.csv")
+
+
+@router.get(
+    "/payments/{external_reference}",
+    summary="One payment by its external_reference (phone masked)",
+    responses={404: {"description": "no such payment"}},
+)
+def payment_status(external_reference: str) -> dict[str, Any]:
+    payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
+    if payment is None:
+        raise HTTPException(404, detail="no payment with that external_reference")
+    return payment_view(payment)

@@ -2,7 +2,7 @@
 
 UpesiPay has no public sandbox, so the demo, the integration tests and the benchmarks run against this one
 (DESIGN.md, "The sandbox"; docs/sandbox.md for everything it chooses where UpesiPay's documentation is silent).
-`create_app(SandboxConfig(...))` builds the FastAPI app; `python -m worker.sandbox_cli` serves it.
+`create_app(SandboxConfig(...))` builds the FastAPI app; `python -m worker.sandbox.cli` serves it.
 
 API (as documented): POST /api/v2/payments, GET /api/v2/transaction-status, GET /api/v2/transactions.
 Control (sandbox only): GET /sandbox/stats, GET|PUT /sandbox/scenario, GET /sandbox/clock,
@@ -16,12 +16,10 @@ import functools
 import hmac
 import json
 import math
-import re
 import socket
 import struct
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from worker.phones import PhoneNumberError, normalise_phone
-from worker.sandbox_provider import PushInput, SandboxProvider, iso
-from worker.sandbox_rules import AbuseLimits, AccountTier, SandboxClock
-from worker.sandbox_scenario import (
+from worker.sandbox.config import SandboxConfig
+from worker.sandbox.provider import PushInput, SandboxProvider, iso
+from worker.sandbox.rules import AbuseLimits, AccountTier, SandboxClock
+from worker.sandbox.scenario import (
     OUTCOMES,
     REJECT,
     FaultKind,
@@ -56,7 +55,6 @@ __all__ = [
     "load_scenario",
 ]
 
-MAX_BODY_BYTES = 64 * 1024  # the API's body limit; a push body is a few hundred bytes
 CONTROL_MAX_BODY_BYTES = 1024 * 1024  # a scenario may list thousands of numbers
 # A body over the limit is still read (and dropped) up to this size, so the client sees its 413 instead of a
 # reset while it is still writing; beyond it the connection is closed after the 413.
@@ -64,54 +62,8 @@ DRAIN_MAX_BYTES = 16 * 1024 * 1024
 MAX_AMOUNT = 250_000  # M-Pesa's per-transaction limit in shillings
 MAX_PER_PAGE = 100
 TEXT_LIMITS = {"external_reference": 64, "customer_name": 100, "callback_url": 2048, "credential_id": 64}
-_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 # Where _SandboxApp leaves uvicorn's transport for the `reset` fault.
 _TRANSPORT_KEY = "stkpush.sandbox.transport"
-
-
-@dataclass
-class SandboxConfig:
-    """Everything a sandbox run needs; each `--token` is one account, labelled account-1, account-2, ..."""
-
-    tokens: Sequence[str]
-    scenario: Scenario = field(default_factory=Scenario)
-    seed: int = 0  # unless the scenario sets "seed"
-    callback_delay_s: float = 1.0  # push to outcome (and callback), unless the scenario sets callback_delay_s
-    late_delay_s: float = 30.0  # outcome to a `late` callback, unless the scenario sets late_delay_s
-    callback_timeout_s: float = 5.0
-    limits: AbuseLimits = field(default_factory=AbuseLimits)
-    clock: SandboxClock = field(default_factory=SandboxClock)
-    max_body_bytes: int = MAX_BODY_BYTES
-
-    def __post_init__(self) -> None:
-        if isinstance(self.tokens, str):
-            raise ValueError("tokens must be a sequence of tokens, not one string")
-        self.tokens = tuple(self.tokens)
-        if not self.tokens:
-            raise ValueError("at least one token is required: each token is one UpesiPay account")
-        # The messages never repeat a token: it is a secret even here.
-        if not all(isinstance(token, str) and _TOKEN_RE.fullmatch(token) for token in self.tokens):
-            raise ValueError("each token must be non-empty printable ASCII without spaces")
-        if len(set(self.tokens)) != len(self.tokens):
-            raise ValueError("tokens must be distinct")
-        for name in ("callback_delay_s", "late_delay_s", "callback_timeout_s"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0")
-        if self.callback_timeout_s <= 0 or self.max_body_bytes < 1024:
-            raise ValueError("callback_timeout_s must be > 0 and max_body_bytes at least 1024")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError("seed must be an integer")
-
-    @property
-    def accounts(self) -> dict[str, str]:
-        """Account label -> token. Labels, never tokens, appear in stats and logs."""
-        return {f"account-{index}": token for index, token in enumerate(self.tokens, start=1)}
 
 
 class _Answer(Exception):

@@ -13,8 +13,8 @@ from typing import Any
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.ledger import TERMINAL_STATES, Payment, PaymentState, count_by_state, session_scope
+from worker.local.stack import Stack
 from worker.phones import mask_phone, normalise_phone
-from worker.stack import Stack
 
 
 class DemoEnvironment(BaseSettings):

@@ -1,5 +1,5 @@
 -- block_phone(phone, seconds): the provider said this number is blocked for this account. Only ever extends.
--- ARGV: 2 phone, 3 duration ms (ARGV[1] and KEYS: see guard_lib.lua)
+-- ARGV: 2 phone, 3 duration ms (ARGV[1] and KEYS: see lib.lua)
 local state = KEYS[1]
 local now = read_args(ARGV[1])
 local phone, duration = ARGV[2], tonumber(ARGV[3])

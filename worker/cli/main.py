@@ -43,7 +43,7 @@ def web(host: str, port: int) -> None:
     from worker import runtime
 
     runtime.settings()  # fail now, naming the variable, rather than inside a request
-    uvicorn.run("worker.web:create_app", factory=True, host=host, port=port, log_level="info")
+    uvicorn.run("worker.web.app:create_app", factory=True, host=host, port=port, log_level="info")
 
 
 @main.command()
@@ -91,7 +91,7 @@ def status(external_reference: str, as_json: bool) -> None:
     """Show one payment by its external reference."""
     from worker import runtime
     from worker.ledger import find_by_reference
-    from worker.web import payment_view
+    from worker.web.access import payment_view
 
     payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
     if payment is None:
@@ -199,7 +199,7 @@ def demo(
     Starts (and afterwards stops) Redis if REDIS_URL does not answer, the UpesiPay sandbox, the web app, a
     worker and beat, with a SQLite ledger in a temporary folder. Leaves nothing running.
     """
-    from worker.demo import run_demo
+    from worker.local.demo import run_demo
 
     summary = run_demo(
         payments=payments,
@@ -215,7 +215,7 @@ def demo(
 
 
 def _register_sandbox() -> None:
-    from worker.sandbox_cli import sandbox_command
+    from worker.sandbox.cli import sandbox_command
 
     main.add_command(sandbox_command, name="sandbox")
 
@@ -224,7 +224,7 @@ _register_sandbox()
 
 
 def _register_batch() -> None:
-    from worker.batch_cli import batch_command, batch_status_command
+    from worker.cli.batch import batch_command, batch_status_command
 
     main.add_command(batch_command, name="batch")
     main.add_command(batch_status_command, name="batch-status")
@@ -232,5 +232,3 @@ def _register_batch() -> None:
 
 _register_batch()
 
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 -- revert_failure(token): a late success takes back the latest failure recorded for this token.
--- ARGV: 2 token (ARGV[1] and KEYS: see guard_lib.lua)
+-- ARGV: 2 token (ARGV[1] and KEYS: see lib.lua)
 -- Returns 1 when a failure still in the window was taken back, else 0 (nothing changes).
 local state, window_key = KEYS[1], KEYS[2]
 local token = ARGV[2]

@@ -1,4 +1,4 @@
--- Shared by every guard script: worker/guard.py prepends this file to each script body before loading it.
+-- Shared by every guard script: worker/guard/guard.py prepends this file to each script body before loading it.
 --
 -- KEYS, in every script: 1 the account's state hash, 2 its failure window zset.
 -- ARGV[1], in every script: the clock and the guard's limits, packed once by guard.py with struct ('>d' the

@@ -1,0 +1,5 @@
+"""`python -m worker.cli` is `stkpush`."""
+
+from worker.cli.main import main
+
+main()

@@ -1,0 +1,21 @@
+"""The UpesiPay API client (`client.py`) and what each of UpesiPay's answers means (`answers.py`)."""
+
+from worker.upesipay.answers import (
+    PushOutcome,
+    PushRequest,
+    PushResult,
+    RestrictionScope,
+    StatusResult,
+    TransactionStatus,
+)
+from worker.upesipay.client import UpesiPayClient
+
+__all__ = [
+    "PushOutcome",
+    "PushRequest",
+    "PushResult",
+    "RestrictionScope",
+    "StatusResult",
+    "TransactionStatus",
+    "UpesiPayClient",
+]

@@ -1,0 +1,126 @@
+"""`/metrics`: the Prometheus endpoint. State is read at scrape time (ledger, guard); events come from the
+counters that every process shares through Redis (worker/metrics.py, which says why)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from worker import runtime
+from worker.ledger import Payment, PaymentState, count_by_state, session_scope, utcnow
+from worker.metrics import shared
+
+log = logging.getLogger("stkpush.metrics")
+
+
+# ---- read at scrape time ----------------------------------------------------------------------------------------
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+class StkpushCollector(Collector):
+    """Reads the ledger, the guard and the shared counters on every scrape; a part that fails reports up=0."""
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "stkpush_scrape_source_up", "Whether this scrape could read a source.", labels=["source"]
+        )
+        for source, read in (("ledger", self._ledger), ("guard", self._guard), ("counters", self._counters)):
+            try:
+                families = list(read())
+            except Exception as error:
+                log.warning("metrics: could not read the %s (%s)", source, type(error).__name__)
+                up.add_metric([source], 0)
+                continue
+            up.add_metric([source], 1)
+            yield from families
+        yield up
+
+    def _ledger(self) -> Iterator[Metric]:
+        engine, account = runtime.engine(), runtime.settings().upesipay_account
+        payments = GaugeMetricFamily(
+            "stkpush_payments", "Payments in the ledger, by state.", labels=["state"]
+        )
+        counts = count_by_state(engine, account)
+        for state in PaymentState:
+            payments.add_metric([state.value], counts.get(state.value, 0))
+        yield payments
+        now = utcnow()
+        with session_scope(engine) as session:
+            due, oldest = session.exec(
+                select(func.count(), func.min(Payment.next_attempt_at)).where(
+                    Payment.account == account,
+                    Payment.state == PaymentState.DEFERRED,
+                    col(Payment.next_attempt_at) <= now,
+                )
+            ).one()
+        yield _gauge(
+            "stkpush_deferred_backlog", "Payments waiting in DEFERRED.", counts[PaymentState.DEFERRED]
+        )
+        yield _gauge(
+            "stkpush_deferred_due",
+            "DEFERRED payments whose time has come (released as headroom allows).",
+            due,
+        )
+        overdue = 0.0
+        if oldest is not None:
+            oldest_aware = oldest if oldest.tzinfo else oldest.replace(tzinfo=now.tzinfo)
+            overdue = max((now - oldest_aware).total_seconds(), 0.0)
+        yield _gauge(
+            "stkpush_deferred_oldest_due_seconds",
+            "How long the oldest due DEFERRED payment has waited past its time; growing means releases stalled.",
+            overdue,
+        )
+
+    def _guard(self) -> Iterator[Metric]:
+        guard = runtime.guard()
+        snapshot = guard.account_snapshot()
+        restricted_s = max((snapshot.restricted_until or 0) - time.time(), 0.0)
+        yield _gauge(
+            "stkpush_guard_failure_limit",
+            "Failed outcomes allowed in the window.",
+            guard.limits.account_failure_limit,
+        )
+        yield _gauge(
+            "stkpush_guard_failures_in_window",
+            "Failed outcomes in the sliding window.",
+            snapshot.failures_in_window,
+        )
+        yield _gauge("stkpush_guard_in_flight", "Sends whose outcome is not known yet.", snapshot.in_flight)
+        yield _gauge("stkpush_guard_headroom", "Sends the failure budget allows now.", snapshot.headroom)
+        yield _gauge(
+            "stkpush_guard_restricted", "1 while the account is restricted.", 1 if restricted_s > 0 else 0
+        )
+        yield _gauge("stkpush_guard_restricted_seconds", "Seconds until the restriction ends.", restricted_s)
+        yield _gauge(
+            "stkpush_guard_blocked_numbers", "Numbers under a provider block.", snapshot.blocked_numbers
+        )
+        yield _gauge(
+            "stkpush_sending_paused_seconds",
+            "Seconds left of the account-wide pause after UpesiPay refused the credentials.",
+            runtime.credentials_pause().remaining_s(),
+        )
+
+    def _counters(self) -> Iterator[Metric]:
+        return shared().collect()
+
+
+REGISTRY = CollectorRegistry()
+REGISTRY.register(StkpushCollector())
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
