@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from worker.ledger import TERMINAL_STATES, Payment, PaymentState
+from tests import support
+from tests.support import running_stack
+from worker.ledger import Payment
 from worker.local.embedded_redis import EmbeddedRedis
 from worker.local.stack import Stack
 
@@ -39,28 +39,10 @@ SCENARIO = {
 @pytest.fixture(scope="session")
 def stack(redis_server: EmbeddedRedis) -> Iterator[Stack]:
     # Database 1 of the suite's private Redis, under a private key prefix: other tests flush database 0.
-    with Stack(redis_url=redis_server.url.rsplit("/", 1)[0] + "/1", scenario=json.dumps(SCENARIO)) as running:
-        running.activate()
+    with running_stack(redis_server, 1, scenario=SCENARIO) as running:
         yield running
 
 
 @pytest.fixture
 def wait_for_state() -> Callable[..., Payment]:
-    from worker import runtime
-    from worker.ledger import get_payment
-
-    def wait(
-        payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 30
-    ) -> Payment:
-        deadline = time.monotonic() + timeout_s
-        payment = get_payment(runtime.engine(), payment_id)
-        while time.monotonic() < deadline:
-            payment = get_payment(runtime.engine(), payment_id)
-            if payment is not None and payment.state in states:
-                return payment
-            time.sleep(0.1)
-        raise AssertionError(
-            f"payment {payment_id} still {payment.state if payment else None} after {timeout_s}s"
-        )
-
-    return wait
+    return support.wait_for_state

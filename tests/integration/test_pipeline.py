@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     PHONE_SUCCESS,
     PHONE_WRONG_PIN,
 )
+from tests.support import pushes_for
 from worker import runtime
 from worker.ledger import Payment, PaymentState, count_by_state, get_payment, session_scope
 from worker.local.stack import Stack
@@ -27,11 +28,6 @@ from worker.local.stack import Stack
 
 def reference() -> str:
     return "IT-" + secrets.token_hex(5).upper()
-
-
-def pushes_for(stack: Stack, external_reference: str) -> int:
-    by_reference: Any = stack.sandbox_stats()["pushes_by_reference"]
-    return int(by_reference.get(external_reference, 0))
 
 
 def test_payment_reaches_succeeded_with_its_receipt(

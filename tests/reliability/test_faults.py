@@ -4,17 +4,17 @@ terminal, nothing is lost, and the customer is prompted once (the sandbox counts
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from producers import enqueue_payment
+from tests import support
+from tests.support import callbacks_sent, pushes_for, running_stack, set_scenario, wait_for_state
 from worker import runtime
 from worker.ledger import TERMINAL_STATES, Payment, PaymentState, get_payment
 from worker.local.embedded_redis import EmbeddedRedis
@@ -36,10 +36,7 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def stack(redis_server: EmbeddedRedis) -> Iterator[Stack]:
-    with Stack(
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/2", scenario=json.dumps(CALM), extra_env=FAST
-    ) as running:
-        running.activate()
+    with running_stack(redis_server, 2, scenario=CALM, extra_env=FAST) as running:
         yield running
 
 
@@ -49,40 +46,18 @@ def calm_sandbox(stack: Stack) -> Iterator[None]:
     set_scenario(stack, CALM)
 
 
-def set_scenario(stack: Stack, scenario: dict[str, Any]) -> None:
-    answer = httpx.put(f"{stack.sandbox_url}/sandbox/scenario", json=scenario, timeout=5)
-    assert answer.status_code == 200, answer.text
-
-
 def new_phone() -> str:
     return "07" + str(secrets.randbelow(10**8)).zfill(8)
 
 
 def new_reference() -> str:
-    return "REL-" + secrets.token_hex(5).upper()
+    return support.new_reference("REL")
 
 
 def wait(
     payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 40
 ) -> Payment:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        payment = get_payment(runtime.engine(), payment_id)
-        assert payment is not None
-        if payment.state in states:
-            return payment
-        if time.monotonic() > deadline:
-            raise AssertionError(f"payment still {payment.state} ({payment.reason}) after {timeout_s}s")
-        time.sleep(0.1)
-
-
-def pushes(stack: Stack, reference: str) -> int:
-    by_reference: Any = stack.sandbox_stats()["pushes_by_reference"]
-    return int(by_reference.get(reference, 0))
-
-
-def callbacks_sent(stack: Stack) -> int:
-    return int(stack.sandbox_stats()["callbacks_sent"])  # type: ignore[call-overload]
+    return wait_for_state(payment_id, states, timeout_s)
 
 
 def pay(phone: str | None = None) -> tuple[str, str]:
@@ -97,7 +72,7 @@ def test_callback_lost_is_settled_by_transaction_status(stack: Stack) -> None:
     payment = wait(payment_id)
     assert payment.state == PaymentState.SUCCEEDED
     assert payment.result_desc == "settled by transaction-status" and payment.receipt
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1
 
 
 def test_callback_duplicated_changes_the_payment_once(stack: Stack) -> None:
@@ -115,7 +90,7 @@ def test_callback_duplicated_changes_the_payment_once(stack: Stack) -> None:
     after = get_payment(runtime.engine(), payment_id)
     assert after is not None and (after.state, after.updated_at) == (payment.state, payment.updated_at)
     assert runtime.guard().account_snapshot().failures_in_window == before + 1  # counted once
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1
 
 
 def test_callback_late_after_settlement_changes_nothing(stack: Stack) -> None:
@@ -131,7 +106,7 @@ def test_callback_late_after_settlement_changes_nothing(stack: Stack) -> None:
         time.sleep(0.2)
     after = get_payment(runtime.engine(), payment_id)
     assert after is not None and (after.state, after.updated_at) == (settled.state, settled.updated_at)
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1
 
 
 @pytest.mark.parametrize(
@@ -153,7 +128,7 @@ def test_ambiguous_send_is_settled_and_never_prompts_twice(stack: Stack, faults:
     assert unknown.state == PaymentState.UNKNOWN
     assert payment.state == PaymentState.SUCCEEDED
     # 5xx before recording (502/503) leaves no trace: then, and only then, it is sent again.
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1
 
 
 def test_429_honours_retry_after_and_uses_no_attempt(stack: Stack) -> None:
@@ -167,7 +142,7 @@ def test_429_honours_retry_after_and_uses_no_attempt(stack: Stack) -> None:
     payment = wait(payment_id)
     assert payment.state == PaymentState.SUCCEEDED and payment.attempts == 0
     assert payment.updated_at >= deferred.next_attempt_at
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1
 
 
 def test_account_restricted_defers_everything_until_it_ends(stack: Stack) -> None:
@@ -178,7 +153,7 @@ def test_account_restricted_defers_everything_until_it_ends(stack: Stack) -> Non
         assert deferred.reason == "guard: account_restricted"
     for payment_id, reference in (first, second):
         assert wait(payment_id).state == PaymentState.SUCCEEDED
-        assert pushes(stack, reference) == 1
+        assert pushes_for(stack, reference) == 1
 
 
 def test_credentials_refused_pause_sending_then_resume_once_fixed(stack: Stack) -> None:
@@ -195,7 +170,7 @@ def test_credentials_refused_pause_sending_then_resume_once_fixed(stack: Stack) 
         stack.start_worker("worker1")  # the operator fixes the token and restarts
     payment = wait(payment_id)
     assert payment.state == PaymentState.SUCCEEDED and payment.attempts == 0
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1
 
 
 @pytest.mark.parametrize("point", ["after-claim", "after-send"])
@@ -212,7 +187,7 @@ def test_worker_killed_mid_send_prompts_once(stack: Stack, tmp_path: Path, point
         stack.stop_process("worker-doomed")
         stack.start_worker("worker1")
     assert payment.state == PaymentState.SUCCEEDED
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1
 
 
 def test_message_lost_from_redis_is_queued_again(stack: Stack) -> None:
@@ -227,4 +202,4 @@ def test_message_lost_from_redis_is_queued_again(stack: Stack) -> None:
         stack.start_worker("worker1")
     payment = wait(payment_id)
     assert payment.state == PaymentState.SUCCEEDED
-    assert pushes(stack, reference) == 1
+    assert pushes_for(stack, reference) == 1

@@ -116,15 +116,21 @@ def forbidden_imports(graph: Mapping[str, Iterable[str]]) -> list[str]:
         for target in sorted(targets):
             if _within(module, SANDBOX):
                 if not _within(target, SANDBOX) and target not in SANDBOX_MAY_IMPORT:
-                    problems.append(f"{module} -> {target}: the sandbox imports nothing of stkpush but phones")
+                    problems.append(
+                        f"{module} -> {target}: the sandbox imports nothing of stkpush but phones"
+                    )
                 continue
             if _within(target, SANDBOX) or any(_within(target, tool) for tool in TOOLS):
                 if not any(_within(module, tool) for tool in TOOLS):
-                    problems.append(f"{module} -> {target}: production code never imports the sandbox or stack")
+                    problems.append(
+                        f"{module} -> {target}: production code never imports the sandbox or stack"
+                    )
                 continue
             source_layer, target_layer = layer_of(module), layer_of(target)
             if source_layer is None or target_layer is None:
-                problems.append(f"{module} -> {target}: module not placed in a layer (tests/unit/test_layers.py)")
+                problems.append(
+                    f"{module} -> {target}: module not placed in a layer (tests/unit/test_layers.py)"
+                )
             elif target_layer > source_layer:
                 problems.append(
                     f"{module} -> {target}: '{LAYERS[source_layer][0]}' imports from the higher layer "

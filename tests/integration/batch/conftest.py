@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, func, select
 
+from tests.support import running_stack
 from worker import runtime
 from worker.ledger import Payment, session_scope
 from worker.local.embedded_redis import EmbeddedRedis
@@ -22,14 +23,8 @@ HEADER = "external_reference,phone_number,amount,customer_name\n"
 def batch_stack(redis_server: EmbeddedRedis) -> Iterator[Stack]:
     # Database 2 of the suite's private Redis, under the stack's own key prefix. The web process keeps uploads
     # and rejects files under its temporary folder: point that into the stack's folder, removed at the end.
-    stack = Stack(redis_url=redis_server.url.rsplit("/", 1)[0] + "/6")
-    stack.extra_env["TMPDIR"] = str(stack.workdir)
-    stack.start(workers=0, beat=False)
-    try:
-        stack.activate()
+    with running_stack(redis_server, 6, workers=0, beat=False, tmpdir_inside=True) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def queue_length(stack: Stack, queue: str = "bulk") -> int:

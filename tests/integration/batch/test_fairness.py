@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from producers import enqueue_payment
 from producers.batch import ingest_batch
 from tests.integration.batch.conftest import HEADER, payments_with_references, queue_length
+from tests.support import running_stack
 from worker import runtime
 from worker.ledger import get_payment
 from worker.local.embedded_redis import EmbeddedRedis
@@ -22,16 +22,11 @@ from worker.local.stack import Stack
 def idle_stack(redis_server: EmbeddedRedis, batch_stack: Stack) -> Iterator[Stack]:
     """A stack of its own with no worker yet: messages wait on the broker until the test starts one."""
     batch_stack.deactivate()
-    stack = Stack(
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/7",
-        scenario=json.dumps({"callback_delay_s": 0.05, "default": "success"}),
-    )
-    stack.start(workers=0, beat=False)
+    scenario = {"callback_delay_s": 0.05, "default": "success"}
     try:
-        stack.activate()
-        yield stack
+        with running_stack(redis_server, 7, scenario=scenario, workers=0, beat=False) as stack:
+            yield stack
     finally:
-        stack.stop()
         batch_stack.activate()
 
 

@@ -1,0 +1,90 @@
+"""What many tests over the real stack need: a private stack on the suite's Redis, waiting for a payment's state,
+and the sandbox's own counts (pushes per reference, callbacks sent). Import from here instead of writing another.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from worker import runtime
+from worker.ledger import TERMINAL_STATES, Payment, PaymentState, get_payment
+from worker.local.embedded_redis import EmbeddedRedis
+from worker.local.stack import Stack
+
+
+def redis_db(server: EmbeddedRedis, db: int) -> str:
+    """The URL of database `db` on the suite's private Redis; each stack of the suite takes its own number."""
+    return server.url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@contextmanager
+def running_stack(
+    server: EmbeddedRedis,
+    db: int,
+    *,
+    scenario: Mapping[str, Any] | None = None,
+    workers: int = 1,
+    beat: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+    tmpdir_inside: bool = False,
+) -> Iterator[Stack]:
+    """A stack of its own, activated for this process while the block runs, stopped (and deactivated) after.
+
+    `tmpdir_inside` points the processes' temporary folder into the stack's folder, which goes with the stack
+    (the web process keeps batch uploads and rejects files there)."""
+    stack = Stack(
+        redis_url=redis_db(server, db),
+        scenario=json.dumps(scenario) if scenario is not None else Stack.scenario,
+        extra_env=dict(extra_env or {}),
+        workers=workers,
+    )
+    if tmpdir_inside:
+        stack.extra_env["TMPDIR"] = str(stack.workdir)
+    try:
+        stack.start(workers=workers, beat=beat)
+        stack.activate()
+        yield stack
+    finally:
+        stack.deactivate()
+        stack.stop()
+
+
+def wait_for_state(
+    payment_id: str, states: frozenset[PaymentState] = TERMINAL_STATES, timeout_s: float = 30
+) -> Payment:
+    """Poll the ledger until the payment is in one of `states`; fail naming the state and reason it is stuck in."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        payment = get_payment(runtime.engine(), payment_id)
+        if payment is not None and payment.state in states:
+            return payment
+        if time.monotonic() > deadline:
+            state = (payment.state, payment.reason) if payment is not None else None
+            raise AssertionError(f"payment {payment_id} still {state} after {timeout_s}s")
+        time.sleep(0.1)
+
+
+def pushes_for(stack: Stack, external_reference: str) -> int:
+    """How many pushes the sandbox received for this reference: the customer's prompts, by the provider's count."""
+    by_reference: Any = stack.sandbox_stats()["pushes_by_reference"]
+    return int(by_reference.get(external_reference, 0))
+
+
+def callbacks_sent(stack: Stack) -> int:
+    return int(stack.sandbox_stats()["callbacks_sent"])  # type: ignore[call-overload]
+
+
+def set_scenario(stack: Stack, scenario: Mapping[str, Any]) -> None:
+    answer = httpx.put(f"{stack.sandbox_url}/sandbox/scenario", json=dict(scenario), timeout=5)
+    assert answer.status_code == 200, answer.text
+
+
+def new_reference(prefix: str = "T") -> str:
+    return f"{prefix}-" + secrets.token_hex(5).upper()
