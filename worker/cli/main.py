@@ -231,4 +231,3 @@ def _register_batch() -> None:
 
 
 _register_batch()
-
