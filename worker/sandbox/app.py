@@ -16,8 +16,6 @@ import functools
 import hmac
 import json
 import math
-import socket
-import struct
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,11 +24,18 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
 from worker.phones import PhoneNumberError, normalise_phone
 from worker.sandbox.config import SandboxConfig
 from worker.sandbox.provider import PushInput, SandboxProvider, iso
+from worker.sandbox.responses import (
+    AnswerNow,
+    ConnectionReset,
+    DelayedAnswer,
+    SandboxApp,
+    answer_now,
+    json_response,
+)
 from worker.sandbox.rules import AbuseLimits, AccountTier, SandboxClock
 from worker.sandbox.scenario import (
     OUTCOMES,
@@ -62,26 +67,6 @@ DRAIN_MAX_BYTES = 16 * 1024 * 1024
 MAX_AMOUNT = 250_000  # M-Pesa's per-transaction limit in shillings
 MAX_PER_PAGE = 100
 TEXT_LIMITS = {"external_reference": 64, "customer_name": 100, "callback_url": 2048, "credential_id": 64}
-# Where _SandboxApp leaves uvicorn's transport for the `reset` fault.
-_TRANSPORT_KEY = "stkpush.sandbox.transport"
-
-
-class _Answer(Exception):
-    """Raised to answer at once with `response` (errors found deep in a handler)."""
-
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.status_code)
-        self.response = response
-
-
-def _json(status: int, body: Any, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(body).encode(), status_code=status, media_type="application/json", headers=headers
-    )
-
-
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> _Answer:
-    return _Answer(_json(status, {"error_message": message}, headers))
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -91,51 +76,6 @@ def _canonical_phone(raw: str) -> str | None:
         return normalise_phone(raw)
     except PhoneNumberError:
         return None
-
-
-class _DelayedAnswer(Response):
-    """The `hang` fault: the answer waits `delay_s`, or is dropped if the client gives up first."""
-
-    def __init__(self, answer: Response, delay_s: float) -> None:
-        super().__init__()
-        self.answer, self.delay_s = answer, delay_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with asyncio.timeout(self.delay_s):
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-        except TimeoutError:
-            await self.answer(scope, receive, send)
-
-
-class _ConnectionReset(Response):
-    """The `reset` fault: the request was read, then the TCP connection is reset with no HTTP answer at all."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = scope.get(_TRANSPORT_KEY)
-        if not isinstance(transport, asyncio.Transport):
-            raise RuntimeError(
-                "the reset fault needs uvicorn's h11 or httptools protocol (no transport found)"
-            )
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Linger 0: close() sends RST rather than FIN, as a crashed proxy or a dropped NAT entry would.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-        # Wait until the server has seen the connection go, so that it does not try to answer for us.
-        async with asyncio.timeout(5):
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-
-class _SandboxApp(FastAPI):
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            # uvicorn's `send` is a method of its per-request cycle, which holds the connection's transport:
-            # the only handle that can drop a connection without answering (the `reset` fault).
-            scope[_TRANSPORT_KEY] = getattr(getattr(send, "__self__", None), "transport", None)
-        await super().__call__(scope, receive, send)
 
 
 class _Api:
@@ -161,9 +101,9 @@ class _Api:
         plan = provider.plan_for(push.phone)
         if plan.outcome == REJECT:
             provider.refused["rejected"] += 1
-            return _json(400, {"error_message": "Invalid request"})  # the documented error body
+            return json_response(400, {"error_message": "Invalid request"})  # the documented error body
         transaction = provider.record(account, push, plan)
-        created = _json(
+        created = json_response(
             201,
             {
                 "success": True,
@@ -185,9 +125,9 @@ class _Api:
             raise self._invalid("reference is required")
         transaction = self.provider.lookup(account, reference)
         if transaction is None:
-            answer = _json(404, {"error_message": "Transaction not found"})
+            answer = json_response(404, {"error_message": "Transaction not found"})
         else:
-            answer = _json(200, transaction.item())
+            answer = json_response(200, transaction.item())
         return self._fault_after(fault, fail_after, answer)
 
     async def transactions(self, request: Request) -> Response:
@@ -200,26 +140,26 @@ class _Api:
         page = self._int_param(query.get("page"), "page", 1, 1, 10**9)
         per = self._int_param(query.get("per"), "per", 20, 1, MAX_PER_PAGE)
         external_reference = query.get("external_reference") or None
-        answer = _json(200, self.provider.page(account, page, per, external_reference))
+        answer = json_response(200, self.provider.page(account, page, per, external_reference))
         return self._fault_after(fault, fail_after, answer)
 
     # ---- control ------------------------------------------------------------------------------------------
     async def stats(self, request: Request) -> Response:
         self.provider.settle_due()
-        return _json(200, self.provider.stats())
+        return json_response(200, self.provider.stats())
 
     async def get_scenario(self, request: Request) -> Response:
-        return _json(200, dict(self.provider.scenario.source))
+        return json_response(200, dict(self.provider.scenario.source))
 
     async def put_scenario(self, request: Request) -> Response:
         data = await self._read_json(request, CONTROL_MAX_BODY_BYTES, api=False)
         try:
             scenario = Scenario.from_json(data)
         except ScenarioError as error:
-            raise _error(400, f"Invalid scenario: {error}") from None
+            raise answer_now(400, f"Invalid scenario: {error}") from None
         self.provider.settle_due()
         self.provider.replace_scenario(scenario)
-        return _json(200, {"scenario": dict(scenario.source)})
+        return json_response(200, {"scenario": dict(scenario.source)})
 
     async def get_clock(self, request: Request) -> Response:
         return self._clock_answer()
@@ -227,22 +167,24 @@ class _Api:
     async def advance_clock(self, request: Request) -> Response:
         data = await self._read_json(request, CONTROL_MAX_BODY_BYTES, api=False)
         if not isinstance(data, dict) or set(data) != {"seconds"}:
-            raise _error(400, 'Invalid request: the body must be {"seconds": N}')
+            raise answer_now(400, 'Invalid request: the body must be {"seconds": N}')
         try:
             self.provider.clock.advance(data["seconds"])
         except ValueError as error:
-            raise _error(400, f"Invalid request: {error}") from None
+            raise answer_now(400, f"Invalid request: {error}") from None
         self.provider.settle_due()
         self.provider.wake()
         return self._clock_answer()
 
     async def reset(self, request: Request) -> Response:
         self.provider.reset()
-        return _json(200, {"reset": True, "clock": iso(self.provider.clock.now())})
+        return json_response(200, {"reset": True, "clock": iso(self.provider.clock.now())})
 
     def _clock_answer(self) -> Response:
         clock = self.provider.clock
-        return _json(200, {"now": iso(clock.now()), "now_epoch_s": clock.now(), "offset_s": clock.offset_s})
+        return json_response(
+            200, {"now": iso(clock.now()), "now_epoch_s": clock.now(), "offset_s": clock.offset_s}
+        )
 
     # ---- steps ------------------------------------------------------------------------------------------
     async def _enter(self, request: Request, endpoint: str) -> str:
@@ -255,7 +197,7 @@ class _Api:
         account = self._account(request.headers.get("authorization"))
         if account is None:
             provider.refused["unauthorized"] += 1
-            raise _error(401, "Unauthorized: a valid 'Authorization: Basic <token>' header is required")
+            raise answer_now(401, "Unauthorized: a valid 'Authorization: Basic <token>' header is required")
         provider.settle_due()
         return account
 
@@ -269,17 +211,17 @@ class _Api:
                 found = label
         return found
 
-    def _invalid(self, problem: str) -> _Answer:
+    def _invalid(self, problem: str) -> AnswerNow:
         self.provider.refused["invalid"] += 1
-        return _error(400, f"Invalid request: {problem}")
+        return answer_now(400, f"Invalid request: {problem}")
 
     async def _read_json(self, request: Request, limit: int, *, api: bool) -> Any:
         """The body as JSON. `api`: the request is to the UpesiPay API (Content-Type checked, refusals counted)."""
 
-        def refuse(status: int, problem: str, headers: Mapping[str, str] | None = None) -> _Answer:
+        def refuse(status: int, problem: str, headers: Mapping[str, str] | None = None) -> AnswerNow:
             if api:
                 self.provider.refused["invalid"] += 1
-            return _error(status, f"Invalid request: {problem}", headers)
+            return answer_now(status, f"Invalid request: {problem}", headers)
 
         if api:
             media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -364,7 +306,7 @@ class _Api:
             message = f"Account restricted from STK push by abuse protection until {iso(until)}"
         else:
             message = f"STK push blocked for this phone number by abuse protection until {iso(until)}"
-        return _json(429, {"error_message": message}, {"Retry-After": retry_after})
+        return json_response(429, {"error_message": message}, {"Retry-After": retry_after})
 
     # ---- faults -------------------------------------------------------------------------------------------
     def _roll(self, endpoint: str) -> FaultKind:
@@ -380,7 +322,7 @@ class _Api:
             provider.faults["rate_limited"] += 1
             provider.refused["rate_limited"] += 1
             headers = {"Retry-After": str(faults.retry_after_s)}
-            return _json(429, {"error_message": "Too many requests"}, headers), False
+            return json_response(429, {"error_message": "Too many requests"}, headers), False
         if fault is FaultKind.ERROR_5XX:
             # Half the 5xx come after the push was recorded (500: the customer IS prompted), half before
             # (502/503: nothing happened). The client cannot tell which: both are ambiguous to it.
@@ -392,20 +334,20 @@ class _Api:
                 page = b"<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>"
                 return Response(page, status_code=502, media_type="text/html"), False
             provider.faults["error_503"] += 1
-            return _json(503, {"error_message": "Service temporarily unavailable"}), False
+            return json_response(503, {"error_message": "Service temporarily unavailable"}), False
         return None, False
 
     def _fault_after(self, fault: FaultKind, fail: bool, answer: Response) -> Response:
         provider = self.provider
         if fail:
             provider.faults["error_500"] += 1
-            return _json(500, {"error_message": "Server Error"})
+            return json_response(500, {"error_message": "Server Error"})
         if fault is FaultKind.HANG:
             provider.faults["hang"] += 1
-            return _DelayedAnswer(answer, provider.scenario.faults.hang_s)
+            return DelayedAnswer(answer, provider.scenario.faults.hang_s)
         if fault is FaultKind.RESET:
             provider.faults["reset"] += 1
-            return _ConnectionReset()
+            return ConnectionReset()
         return answer
 
 
@@ -430,21 +372,21 @@ def create_app(config: SandboxConfig) -> FastAPI:
         finally:
             await provider.stop()
 
-    app = _SandboxApp(
+    app = SandboxApp(
         title="UpesiPay sandbox", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
     )
     app.state.config = config
     app.state.provider = provider
 
     async def answer(_request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, _Answer)
+        assert isinstance(exc, AnswerNow)
         return exc.response
 
     async def http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return _json(exc.status_code, {"error_message": str(exc.detail)}, exc.headers)
+        return json_response(exc.status_code, {"error_message": str(exc.detail)}, exc.headers)
 
-    app.add_exception_handler(_Answer, answer)
+    app.add_exception_handler(AnswerNow, answer)
     app.add_exception_handler(StarletteHTTPException, http_error)
     routes = (
         ("/api/v2/payments", api.create_payment, "POST"),

@@ -3,6 +3,9 @@
 Everything here runs on the server's event loop and keeps its state in memory. Outcomes are decided when a push
 is recorded (so a seed replays them) and applied when they are due: lazily at the start of every request and by
 one scheduler task for callbacks that must go out while nobody asks.
+
+It is one class a little over 400 lines on purpose: every method reads and writes the same in-memory provider
+state on one event loop, and the abuse rules (rules.py) and scenarios (scenario.py) already live apart.
 """
 
 from __future__ import annotations
