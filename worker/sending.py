@@ -1,4 +1,6 @@
-"""Send one payment: claim it, ask the guard, call UpesiPay, record what the answer means (DESIGN.md's table)."""
+"""Send one payment: claim it, ask the guard, call UpesiPay, record what the answer means.
+
+The table "What an answer proves" in docs/ARCHITECTURE.md says what each answer causes."""
 
 from __future__ import annotations
 

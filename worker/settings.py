@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     # Still unsettled after this long (no status, no callback): counted as FAILED for the guard and the ledger.
     settle_give_up_s: int = Field(default=3 * 3600, ge=60)
 
-    # The guard (DESIGN.md, "The guard"); defaults are UpesiPay's documented limits.
+    # The guard (docs/ARCHITECTURE.md and docs/guard.md); defaults are UpesiPay's documented limits.
     phone_streak_limit: int = Field(default=10, ge=1)
     phone_cooldown_s: int = Field(default=24 * 3600, ge=1)
     phone_max_inflight: int = Field(default=1, ge=1)

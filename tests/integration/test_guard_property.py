@@ -1,4 +1,4 @@
-"""The guard's Lua scripts against a plain-Python model of DESIGN.md's four rules, driven by hypothesis.
+"""The guard's Lua scripts against a plain-Python model of the guard's four rules (docs/guard.md), driven by hypothesis.
 
 Both see the same injected clock (integer milliseconds). After every step the real guard and the model must agree
 on the decision (reason and retry_after included), the resolve and revert answers, and every snapshot. Small limits
@@ -76,7 +76,7 @@ class FailureModel:
 
 @dataclass
 class GuardModel:
-    """DESIGN.md's rules, written plainly, with no Redis and no shared code with the scripts."""
+    """The guard's rules, written plainly, with no Redis and no shared code with the scripts."""
 
     limits: GuardLimits
     phones: dict[str, PhoneModel] = field(default_factory=dict)

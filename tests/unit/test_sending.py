@@ -1,4 +1,5 @@
-"""DESIGN.md's responses table, row by row: the real send path (claim, guard on a real Redis, UpesiPay client)
+"""The "What an answer proves" table (docs/ARCHITECTURE.md), row by row:
+the real send path (claim, guard on a real Redis, UpesiPay client)
 with UpesiPay's answers injected through httpx's transport seam. No broker: the task's publishing is not here."""
 
 from __future__ import annotations

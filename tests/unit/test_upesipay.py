@@ -1,6 +1,6 @@
 """The UpesiPay client through httpx's transport seam (the real client stack, no network) and a real socket.
 
-Each classification is what DESIGN.md's "Responses and what they cause" table needs to decide a payment.
+Each classification is what the "What an answer proves" table (docs/ARCHITECTURE.md) needs to decide a payment.
 """
 
 from __future__ import annotations

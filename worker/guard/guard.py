@@ -1,4 +1,4 @@
-"""The abuse guard: one per UpesiPay account, shared by every worker through Redis (DESIGN.md, "The guard").
+"""The abuse guard: one per UpesiPay account, shared by every worker through Redis (docs/ARCHITECTURE.md, "The guard").
 
 It keeps four rules true: a number never reaches more than `phone_streak_limit` successive failures, at most
 `phone_max_inflight` prompts are in flight per number, failures in the sliding window never exceed

@@ -1,7 +1,7 @@
 """The UpesiPay sandbox: a local provider speaking the documented API, abuse rules and faults included.
 
 UpesiPay has no public sandbox, so the demo, the integration tests and the benchmarks run against this one
-(DESIGN.md, "The sandbox"; docs/sandbox.md for everything it chooses where UpesiPay's documentation is silent).
+(docs/ARCHITECTURE.md, "The sandbox"; docs/sandbox.md for all it chooses where UpesiPay's documentation is silent).
 `create_app(SandboxConfig(...))` builds the FastAPI app; `python -m worker.sandbox.cli` serves it.
 
 API (as documented): POST /api/v2/payments, GET /api/v2/transaction-status, GET /api/v2/transactions.

@@ -1,7 +1,7 @@
 """The UpesiPay API client: one STK push, one status lookup, one scan of the transactions list.
 
 Synchronous (Celery tasks are). Nothing here raises for an HTTP or transport failure: every answer is
-classified by what it proves about the payment (DESIGN.md, "Responses and what they cause"), above all
+classified by what it proves about the payment (docs/ARCHITECTURE.md, "What an answer proves"), above all
 whether the request may have reached UpesiPay (AMBIGUOUS: never resend blindly) or provably did not
 (NOT_SENT: safe to retry). Only the 201 and one 400 body are documented, so the rest is recognised
 defensively by status code plus message text.
