@@ -152,28 +152,24 @@ def test_stkpush_db_upgrade_and_check(tmp_path: Path) -> None:
     assert after.returncode == 0 and "matches the models" in after.stdout
 
 
-def test_the_worker_refuses_to_start_on_an_unmigrated_database(tmp_path: Path, ops_redis_url: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "single", "--pool", "solo"],
-        env=_env(tmp_path, ops_redis_url),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def _refused_start(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a process that should refuse to start; it must exit non-zero saying the database is not migrated."""
+    result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert NOT_MIGRATED in result.stderr
+    return result
+
+
+def test_the_worker_refuses_to_start_on_an_unmigrated_database(tmp_path: Path, ops_redis_url: str) -> None:
+    _refused_start(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "single", "--pool", "solo"],
+        _env(tmp_path, ops_redis_url),
+        tmp_path,
+    )
 
 
 def test_the_web_app_refuses_to_start_on_an_unmigrated_database(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(BIN / "stkpush"), "web", "--port", str(free_port())],
-        env=_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = _refused_start(
+        [str(BIN / "stkpush"), "web", "--port", str(free_port())], _env(tmp_path), tmp_path
     )
-    assert result.returncode != 0
-    assert NOT_MIGRATED in result.stderr
     assert "Application startup failed" in result.stderr

@@ -15,17 +15,19 @@ GOOD = {
 }
 
 
+# The settings without a default: each must be named when missing.
+REQUIRED = (
+    "UPESIPAY_BASE_URL",
+    "UPESIPAY_AUTH_TOKEN",
+    "UPESIPAY_CHANNEL_ID",
+    "CALLBACK_BASE_URL",
+    "CALLBACK_SECRET",
+)
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
-    for name in (
-        "UPESIPAY_BASE_URL",
-        "UPESIPAY_AUTH_TOKEN",
-        "UPESIPAY_CHANNEL_ID",
-        "CALLBACK_BASE_URL",
-        "CALLBACK_SECRET",
-        "REDIS_URL",
-        "DATABASE_URL",
-    ):
+    for name in (*REQUIRED, "REDIS_URL", "DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(str(tmp_path))  # no stray .env
 
@@ -46,13 +48,7 @@ def test_missing_settings_are_named_each_one() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings()
     message = str(caught.value)
-    for name in (
-        "UPESIPAY_BASE_URL",
-        "UPESIPAY_AUTH_TOKEN",
-        "UPESIPAY_CHANNEL_ID",
-        "CALLBACK_BASE_URL",
-        "CALLBACK_SECRET",
-    ):
+    for name in REQUIRED:
         assert f"{name}: is required" in message
 
 

@@ -31,16 +31,6 @@ from worker.phones import mask_phone
 if TYPE_CHECKING:
     from worker.settings import Settings
 
-__all__ = [
-    "AccountSnapshot",
-    "Decision",
-    "Guard",
-    "GuardLimits",
-    "GuardUnavailable",
-    "Outcome",
-    "PhoneSnapshot",
-    "RefusalReason",
-]
 
 log = logging.getLogger(__name__)
 
