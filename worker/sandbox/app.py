@@ -6,7 +6,10 @@ UpesiPay has no public sandbox, so the demo, the integration tests and the bench
 
 API (as documented): POST /api/v2/payments, GET /api/v2/transaction-status, GET /api/v2/transactions.
 Control (sandbox only): GET /sandbox/stats, GET|PUT /sandbox/scenario, GET /sandbox/clock,
-POST /sandbox/clock/advance, POST /sandbox/reset.
+POST /sandbox/clock/advance, POST /sandbox/reset, POST /sandbox/other-channel.
+
+One class (`_Api`) a little over 400 lines holds every route on purpose: the handlers share the same steps
+(latency, token, due outcomes, body reading, faults), and what they act on lives in provider.py and rules.py.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ CONTROL_MAX_BODY_BYTES = 1024 * 1024  # a scenario may list thousands of numbers
 DRAIN_MAX_BYTES = 16 * 1024 * 1024
 MAX_AMOUNT = 250_000  # M-Pesa's per-transaction limit in shillings
 MAX_PER_PAGE = 100
+MAX_OTHER_CHANNEL = 1000  # failed pushes one control call may record
 TEXT_LIMITS = {"external_reference": 64, "customer_name": 100, "callback_url": 2048, "credential_id": 64}
 
 
@@ -175,6 +179,31 @@ class _Api:
         self.provider.settle_due()
         self.provider.wake()
         return self._clock_answer()
+
+    async def other_channel(self, request: Request) -> Response:
+        """Failed pushes the merchant made without stkpush: they fill the account's window (see provider)."""
+        data = await self._read_json(request, CONTROL_MAX_BODY_BYTES, api=False)
+        if not isinstance(data, dict) or not set(data) <= {"account", "count", "phone", "outcome"}:
+            raise answer_now(400, "Invalid request: the body takes account, count, phone and outcome")
+        account = data.get("account", "account-1")
+        if account not in self.config.accounts:
+            raise answer_now(400, "Invalid request: account must be a label such as account-1")
+        count = data.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_OTHER_CHANNEL:
+            raise answer_now(400, f"Invalid request: count must be an integer from 1 to {MAX_OTHER_CHANNEL}")
+        outcome = data.get("outcome", "cancelled")
+        if outcome not in OUTCOMES or OUTCOMES[outcome].result_code == 0:
+            raise answer_now(
+                400, "Invalid request: outcome must be a failed outcome (cancelled, timeout, ...)"
+            )
+        phone = None
+        if data.get("phone") is not None:
+            phone = _canonical_phone(data["phone"]) if isinstance(data["phone"], str) else None
+            if phone is None:
+                raise answer_now(400, "Invalid request: phone is not a Kenyan mobile number")
+        self.provider.settle_due()
+        triggered = self.provider.record_other_channel_failures(account, count, phone, outcome)
+        return json_response(200, {"recorded": count, "rule_triggers": triggered})
 
     async def reset(self, request: Request) -> Response:
         self.provider.reset()
@@ -301,12 +330,16 @@ class _Api:
 
     def _abuse_refusal(self, kind: str, until: float) -> Response:
         self.provider.refused[kind] += 1
-        retry_after = str(max(math.ceil(until - self.provider.clock.now()), 1))
+        style = self.provider.scenario.abuse_answer
+        ending = f" until {iso(until)}" if style in ("retry_after_and_until", "until") else ""
         if kind == "restricted":
-            message = f"Account restricted from STK push by abuse protection until {iso(until)}"
+            message = f"Account restricted from STK push by abuse protection{ending}"
         else:
-            message = f"STK push blocked for this phone number by abuse protection until {iso(until)}"
-        return json_response(429, {"error_message": message}, {"Retry-After": retry_after})
+            message = f"STK push blocked for this phone number by abuse protection{ending}"
+        headers = None
+        if style in ("retry_after_and_until", "retry_after"):
+            headers = {"Retry-After": str(max(math.ceil(until - self.provider.clock.now()), 1))}
+        return json_response(429, {"error_message": message}, headers)
 
     # ---- faults -------------------------------------------------------------------------------------------
     def _roll(self, endpoint: str) -> FaultKind:
@@ -398,6 +431,7 @@ def create_app(config: SandboxConfig) -> FastAPI:
         ("/sandbox/clock", api.get_clock, "GET"),
         ("/sandbox/clock/advance", api.advance_clock, "POST"),
         ("/sandbox/reset", api.reset, "POST"),
+        ("/sandbox/other-channel", api.other_channel, "POST"),
     )
     for path, endpoint, method in routes:
         # Plain Starlette routes: the handlers read the Request themselves, and FastAPI's per-request

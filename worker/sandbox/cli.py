@@ -34,7 +34,8 @@ API (every call needs "Authorization: Basic <token>", else 401 {"error_message":
         outcome, then SUCCESS or FAILED; the M-Pesa receipt is in provider_reference once SUCCESS.
        404 {"error_message": "Transaction not found"}
   GET  /api/v2/transactions?page=1&per=20[&external_reference=X]
-       {"data": [items as above], "page", "per", "total"}: the token's pushes, newest first, per <= 100.
+       {"data": [items as above], "page", "per", "total"}: the token's pushes, newest first, per <= 100;
+       a push is listed only list_lag_s after it was recorded (scenario, default 0).
 
 \b
 Abuse protection, per account, on the sandbox clock. Outcomes count when they happen, with or without a
@@ -46,12 +47,16 @@ callback; every non-zero ResultCode (cancelled included) is a failure; refused r
   A refused push gets 429 with "Retry-After: <seconds until the end>" and the body
     {"error_message": "STK push blocked for this phone number by abuse protection until <ISO time>"}
     {"error_message": "Account restricted from STK push by abuse protection until <ISO time>"}
+  The scenario's "abuse_answer" changes that answer: "retry_after_and_until" (the default, as above),
+  "retry_after" (no "until" in the message), "until" (no Retry-After header), "bare" (neither).
 
 \b
 Scenario (--scenario FILE or inline JSON starting with "{"; every key optional; unknown keys are refused):
   {"seed": 7,                      replaces --seed
    "callback_delay_s": 1.0,        push -> outcome (and its callback); replaces --callback-delay
    "late_delay_s": 30,             outcome -> a "late" callback; replaces --late-delay
+   "abuse_answer": "retry_after_and_until",   how blocks and restrictions are answered (see above)
+   "list_lag_s": 0,                a push shows in the transactions list only this long after it was made
    "default": ENTRY,               for numbers not in "phones"; default "success"
    "phones": {"0712345678": ENTRY, ...},   any phone form (07.., 01.., 254.., +254..)
    "faults": FAULTS,
@@ -84,6 +89,11 @@ Control endpoints (no token; keep the sandbox on loopback):
   GET  /sandbox/scenario         the scenario in force;  PUT /sandbox/scenario replaces it (same JSON)
   GET  /sandbox/clock            POST /sandbox/clock/advance {"seconds": N} moves the sandbox clock on
   POST /sandbox/reset            forgets every push, block and counter (keeps the scenario and the clock)
+  POST /sandbox/other-channel    {"account": "account-1", "count": N, "phone": optional, "outcome": "cancelled"}
+                                 N failed pushes the merchant made without stkpush (payment buttons, the
+                                 dashboard): they count in the abuse rules and show in the transactions list
+                                 (FAILED, no external_reference), with no callback; without "phone" each goes
+                                 to a number of its own. 200 {"recorded": N, "rule_triggers": T}
 """
 
 

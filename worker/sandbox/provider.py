@@ -169,6 +169,7 @@ class SandboxProvider:
         self.refused = dict.fromkeys(REFUSALS, 0)
         self.faults = dict.fromkeys(FAULT_COUNTERS, 0)
         self.inflight_max_per_phone = 0
+        self.other_channel_failures = dict.fromkeys(accounts, 0)
         self._wake.set()
 
     def reseed(self) -> None:
@@ -204,6 +205,19 @@ class SandboxProvider:
     def record(self, account: str, push: PushInput, plan: OutcomePlan) -> Transaction:
         """The push reaches the phone: store it and schedule its outcome."""
         now = self.clock.now()
+        transaction = self._store(account, push, plan, now)
+        if push.external_reference is not None:
+            self.pushes_by_reference[push.external_reference] += 1
+        self.pushes_total += 1
+        delay = self.callback_delay_s
+        if delay <= 0:
+            # Applied before the 201 goes out, so the very next request sees its effect on the abuse rules.
+            self._apply_outcome(transaction, now)
+        else:
+            self._schedule(now + delay, _OUTCOME, transaction)
+        return transaction
+
+    def _store(self, account: str, push: PushInput, plan: OutcomePlan, now: float) -> Transaction:
         rng = self._ids_rng
         reference = _code(rng, 10)
         while reference in self.transactions:
@@ -223,19 +237,26 @@ class SandboxProvider:
         self._by_account[account].append(transaction)
         if push.external_reference is not None:
             self._by_external.setdefault((account, push.external_reference), []).append(transaction)
-            self.pushes_by_reference[push.external_reference] += 1
-        self.pushes_total += 1
         self.queued += 1
         inflight = self._inflight.get(push.phone, 0) + 1
         self._inflight[push.phone] = inflight
         self.inflight_max_per_phone = max(self.inflight_max_per_phone, inflight)
-        delay = self.callback_delay_s
-        if delay <= 0:
-            # Applied before the 201 goes out, so the very next request sees its effect on the abuse rules.
-            self._apply_outcome(transaction, now)
-        else:
-            self._schedule(now + delay, _OUTCOME, transaction)
         return transaction
+
+    def record_other_channel_failures(self, account: str, count: int, phone: str | None, outcome: str) -> int:
+        """Pushes the merchant made without stkpush (payment buttons, the dashboard) that failed just now.
+
+        They count against the account's abuse rules and appear in the transactions list like any push, with no
+        external reference and no callback: stkpush can learn of them only by reading the list. With no `phone`,
+        each goes to a number of its own. Returns how many abuse rules they triggered."""
+        now, before = self.clock.now(), sum(self.rule_triggers.values())
+        for _ in range(count):
+            number = phone or "2547" + "".join(self._ids_rng.choices(string.digits, k=8))
+            push = PushInput(amount=1, phone=number, channel_id=1)
+            transaction = self._store(account, push, OutcomePlan(outcome), now)
+            self._apply_outcome(transaction, now)
+        self.other_channel_failures[account] += count
+        return sum(self.rule_triggers.values()) - before
 
     def _checkout_request_id(self, phone: str, now: float) -> str:
         # ws_CO_<DDMMYYYYHHMMSSmmm><national number>, as in the documented examples.
@@ -367,6 +388,14 @@ class SandboxProvider:
             rows = self._by_account[account]
         else:
             rows = self._by_external.get((account, external_reference), [])
+        lag = self.scenario.list_lag_s
+        if lag > 0:
+            # Rows are in the order recorded: the newest ones not yet listed are a tail of the list.
+            horizon = self.clock.now() - lag
+            listed = len(rows)
+            while listed and rows[listed - 1].created_at > horizon:
+                listed -= 1
+            rows = rows[:listed]
         end = max(len(rows) - (page - 1) * per, 0)
         chosen = rows[max(end - per, 0) : end]
         return {
@@ -408,6 +437,7 @@ class SandboxProvider:
             "requests_refused": dict(self.refused),
             "faults": dict(self.faults),
             "inflight_max_per_phone": self.inflight_max_per_phone,
+            "other_channel_failures": dict(self.other_channel_failures),
         }
 
 

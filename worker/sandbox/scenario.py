@@ -181,6 +181,11 @@ class Scenario:
     seed: int | None = None  # overrides SandboxConfig.seed
     callback_delay_s: float | None = None  # overrides SandboxConfig.callback_delay_s
     late_delay_s: float | None = None  # overrides SandboxConfig.late_delay_s
+    # How a block or restriction is answered (UpesiPay documents no body or header for it): with Retry-After and
+    # "until <time>" in the message, one of the two, or neither.
+    abuse_answer: str = "retry_after_and_until"
+    # A push appears in the transactions list only this long after it was recorded (0: at once).
+    list_lag_s: float = 0.0
     source: Mapping[str, Any] = field(default_factory=dict)  # the JSON as given, for GET /sandbox/scenario
 
     def rule_for(self, phone: str) -> OutcomeRule:
@@ -214,6 +219,8 @@ class Scenario:
             seed=seed,
             callback_delay_s=_optional_seconds(data, "callback_delay_s"),
             late_delay_s=_optional_seconds(data, "late_delay_s"),
+            abuse_answer=_abuse_answer(data.get("abuse_answer", "retry_after_and_until")),
+            list_lag_s=_optional_seconds(data, "list_lag_s") or 0.0,
             source=data,
         )
 
@@ -233,7 +240,18 @@ def load_scenario(text: str) -> Scenario:
     return Scenario.from_json(data)
 
 
-_SCENARIO_KEYS = {"description", "seed", "callback_delay_s", "late_delay_s", "default", "phones", "faults"}
+_SCENARIO_KEYS = {
+    "description",
+    "seed",
+    "callback_delay_s",
+    "late_delay_s",
+    "default",
+    "phones",
+    "faults",
+    "abuse_answer",
+    "list_lag_s",
+}
+ABUSE_ANSWERS = ("retry_after_and_until", "retry_after", "until", "bare")
 _RULE_KEYS = {"outcome", "outcomes", "sequence", "duplicate", "late", "drop"}
 
 
@@ -314,6 +332,12 @@ def _probability(where: str, value: Any) -> None:
 def _non_negative(where: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise ScenarioError(f"{where} must be a non-negative number of seconds")
+
+
+def _abuse_answer(value: Any) -> str:
+    if value not in ABUSE_ANSWERS:
+        raise ScenarioError("abuse_answer must be one of " + ", ".join(ABUSE_ANSWERS))
+    return str(value)
 
 
 def _optional_seconds(data: Mapping[str, Any], key: str) -> float | None:
