@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # countdown or ETA the project sets stays below half of it (asserted in worker.celery_app), so a scheduled task is
 # never delivered twice just because it waited.
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
+# UpesiPay's documented abuse rules (docs/upesipay.md): the guard's limits may be lower, never higher.
+PROVIDER_STREAK_LIMIT = 10
+PROVIDER_FAILURE_LIMIT = 50
 
 
 class SettingsError(RuntimeError):
@@ -76,8 +79,13 @@ class Settings(BaseSettings):
     # Still unsettled after this long (no status, no callback): counted as FAILED for the guard and the ledger.
     settle_give_up_s: int = Field(default=3 * 3600, ge=60)
 
-    # The guard (docs/ARCHITECTURE.md and docs/guard.md); defaults are UpesiPay's documented limits.
+    # The guard (docs/ARCHITECTURE.md and docs/guard.md); defaults are UpesiPay's documented limits. Lower values
+    # leave a margin; higher ones are refused (_provider_limits): they would let the provider block us.
     phone_streak_limit: int = Field(default=10, ge=1)
+    # A number at its streak limit: "hold" waits for a success on it or an operator's `stkpush guard release`
+    # (UpesiPay documents no expiry for a streak); "rest" frees it PHONE_COOLDOWN_S after its last failure, for
+    # merchants who accept the risk that UpesiPay still counts the old streak.
+    phone_at_limit: Literal["hold", "rest"] = "hold"
     phone_cooldown_s: int = Field(default=24 * 3600, ge=1)
     phone_max_inflight: int = Field(default=1, ge=1)
     account_failure_limit: int = Field(default=50, ge=1)
@@ -102,6 +110,26 @@ class Settings(BaseSettings):
     def _database_scheme(cls, value: str) -> str:
         if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
             raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @field_validator("phone_streak_limit")
+    @classmethod
+    def _provider_streak(cls, value: int) -> int:
+        if value > PROVIDER_STREAK_LIMIT:
+            raise ValueError(
+                f"must be at most {PROVIDER_STREAK_LIMIT}: UpesiPay blocks a number after more than "
+                f"{PROVIDER_STREAK_LIMIT} successive failed or cancelled requests"
+            )
+        return value
+
+    @field_validator("account_failure_limit")
+    @classmethod
+    def _provider_budget(cls, value: int) -> int:
+        if value > PROVIDER_FAILURE_LIMIT:
+            raise ValueError(
+                f"must be at most {PROVIDER_FAILURE_LIMIT}: UpesiPay restricts the account after more than "
+                f"{PROVIDER_FAILURE_LIMIT} failed requests in 6 hours"
+            )
         return value
 
     @model_validator(mode="after")

@@ -556,7 +556,7 @@ def test_limits_from_settings() -> None:
     )
     limits = GuardLimits.from_settings(settings)
     assert (limits.phone_streak_limit, limits.account_window_s, limits.account_failure_limit) == (4, 600, 50)
-    assert limits.phone_cooldown_s == 86400
+    assert limits.holds_at_limit  # the default: a number at its limit is held, not rested
 
 
 @pytest.mark.parametrize("bad", ["0712 345678", "+254712345678", "2547|1234567", "abc", "1" * 30])

@@ -39,6 +39,9 @@ DAY_S = 24 * HOUR_S
 # UpesiPay's documented account restrictions: more than 50 / 500 / 1000 failures in the window restrict the
 # account for 4 / 24 / 72 hours.
 DEFAULT_RESTRICTION_TIERS: tuple[tuple[int, float], ...] = ((50, 4 * HOUR_S), (500, DAY_S), (1000, 3 * DAY_S))
+# A number at its streak limit is held: its rest is this long, which no account lives to see end, so only a success
+# on it or an operator's release (release_phone) frees it. UpesiPay documents no expiry for a streak (docs/guard.md).
+HOLD_S = 100 * 365 * DAY_S
 # How long a streak below the limit is remembered after the number's last failure. The provider documents no
 # expiry for a streak, so this is long; it exists so that memory per account stays bounded.
 DEFAULT_PHONE_MEMORY_S = 30 * DAY_S
@@ -99,6 +102,7 @@ class PhoneSnapshot:
     streak: int
     in_flight: int
     blocked_until: float | None  # epoch seconds (guard clock), provider block or rest at the streak limit
+    held: bool = False  # at its streak limit and held until a success or a release (blocked_until is far away)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,9 @@ class GuardLimits:
     """The guard's rules; defaults are UpesiPay's documented limits. Durations are seconds (millisecond grain)."""
 
     phone_streak_limit: int = 10  # the provider blocks a number on the 11th successive failure
-    phone_cooldown_s: float = DAY_S  # a number at its limit rests this long after its last failure
+    # A number at its limit rests this long after its last failure; HOLD_S holds it until a success or a release
+    # (GuardLimits.from_settings uses HOLD_S unless PHONE_AT_LIMIT=rest).
+    phone_cooldown_s: float = DAY_S
     phone_max_inflight: int = 1  # one prompt at a time per number
     account_failure_limit: int = 50  # failures + in flight must stay below this in the window
     account_window_s: float = 6 * HOUR_S
@@ -150,7 +156,7 @@ class GuardLimits:
         _positive_int("account_failure_limit", self.account_failure_limit)
         for name in ("phone_cooldown_s", "account_window_s", "busy_poll_s", "phone_memory_s"):
             _duration(name, getattr(self, name))
-        if self.phone_memory_s < self.phone_cooldown_s:
+        if self.phone_memory_s < self.phone_cooldown_s and not self.holds_at_limit:
             raise ValueError("phone_memory_s must be at least phone_cooldown_s")
         if not isinstance(self.restriction_tiers, tuple):
             raise ValueError("restriction_tiers must be a tuple of (threshold, seconds) pairs")
@@ -165,15 +171,21 @@ class GuardLimits:
                 raise ValueError("restriction_tiers thresholds must be strictly increasing")
             previous = threshold
 
+    @property
+    def holds_at_limit(self) -> bool:
+        """True when a number at its limit waits for a success or a release, not for time."""
+        return self.phone_cooldown_s >= HOLD_S
+
     @classmethod
     def from_settings(cls, settings: Settings) -> GuardLimits:
+        rests = settings.phone_at_limit == "rest"
         return cls(
             phone_streak_limit=settings.phone_streak_limit,
-            phone_cooldown_s=settings.phone_cooldown_s,
+            phone_cooldown_s=settings.phone_cooldown_s if rests else HOLD_S,
             phone_max_inflight=settings.phone_max_inflight,
             account_failure_limit=settings.account_failure_limit,
             account_window_s=settings.account_window_s,
-            phone_memory_s=max(DEFAULT_PHONE_MEMORY_S, settings.phone_cooldown_s),
+            phone_memory_s=max(DEFAULT_PHONE_MEMORY_S, settings.phone_cooldown_s if rests else 0),
         )
 
 
@@ -227,6 +239,7 @@ class Guard:
         self._revert_script = redis.register_script(_script_text("revert"))
         self._restrict_script = redis.register_script(_script_text("restrict"))
         self._block_script = redis.register_script(_script_text("block"))
+        self._release_script = redis.register_script(_script_text("release"))
         self._snapshot_script = redis.register_script(_script_text("snapshot"))
 
     # -- the two hot paths -------------------------------------------------------------------------------------
@@ -275,6 +288,14 @@ class Guard:
         _duration("seconds", seconds)
         self._call(self._block_script, self._keys, (self._head(), phone, _ms(seconds)))
 
+    def release_phone(self, phone: str) -> bool:
+        """An operator releases a number held at its streak limit: its streak starts afresh at 0.
+
+        Sends in flight and provider blocks are untouched (UpesiPay's own block still runs). Returns False when the
+        number had no streak. The caller records the release in the ledger (who, when), so a rebuild keeps it."""
+        _check_phone(phone)
+        return bool(self._call(self._release_script, self._keys, (self._head(), phone)))
+
     def revert_failure(self, token: str) -> bool:
         """A late success for `token` takes back the latest failure recorded under it (docs/guard.md).
 
@@ -295,6 +316,7 @@ class Guard:
             streak=int(streak),
             in_flight=int(in_flight),
             blocked_until=blocked_ms / 1000 if blocked_ms else None,
+            held=self.limits.holds_at_limit and int(streak) >= self.limits.phone_streak_limit,
         )
 
     def account_snapshot(self) -> AccountSnapshot:
@@ -323,7 +345,10 @@ class Guard:
         """Collect dead number fields once the state hash holds more than `fields` (tests use 0)."""
         lim = self.limits
         # The state hash lives at least this long after the account's last admit or failure (docs/guard.md).
-        idle_s = max(lim.phone_memory_s, lim.account_window_s, lim.phone_cooldown_s)
+        # A held number does not stretch it: should the hash expire, the rebuild restores held numbers from the
+        # ledger, where their failures are recorded.
+        rest_s = 0.0 if lim.holds_at_limit else lim.phone_cooldown_s
+        idle_s = max(lim.phone_memory_s, lim.account_window_s, rest_s)
         rules = (
             lim.phone_streak_limit,
             _ms(lim.phone_cooldown_s),

@@ -92,7 +92,7 @@ def _blocked_numbers(engine: Engine, guard: Guard, account: str) -> list[dict[st
         blocked.append(
             {
                 "phone": view.phone,
-                "until": _iso(view.blocked_until),
+                "until": "a success or a release" if view.held else _iso(view.blocked_until),
                 "streak": view.streak,
                 "cause": "failure streak at the limit" if at_limit else "blocked by UpesiPay",
             }
