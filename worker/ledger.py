@@ -117,6 +117,20 @@ class Batch(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
+class ExternalFailure(SQLModel, table=True):
+    """A failed push the account made without stkpush (payment buttons, the dashboard), read from UpesiPay's
+    transactions list. It fills the provider's failure window, so the guard counts it (worker/other_channels.py);
+    the ledger keeps it so the count survives Redis."""
+
+    __tablename__ = "external_failure"
+
+    account: str = Field(primary_key=True, max_length=64)
+    provider_reference: str = Field(primary_key=True, max_length=64)
+    failed_at: datetime = Field(index=True)
+    seen_at: datetime = Field(default_factory=utcnow)
+    guard_told_at: datetime | None = None  # None: the guard has not confirmed counting it yet
+
+
 def make_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":

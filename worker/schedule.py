@@ -10,7 +10,7 @@ from worker.settings import Settings
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     every = settings.dispatch_interval_s
     # expires: a tick that waited longer than its own interval is stale; the next one does the same work.
-    return {
+    schedule = {
         "release-deferred": {
             "task": "stkpush.dispatch.release_deferred",
             "schedule": every,
@@ -27,3 +27,10 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": every * 2},
         },
     }
+    if settings.other_channels_poll_s > 0:
+        schedule["other-channels"] = {
+            "task": "stkpush.dispatch.other_channels",
+            "schedule": settings.other_channels_poll_s,
+            "options": {"expires": settings.other_channels_poll_s},
+        }
+    return schedule

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     # Still unsettled after this long (no status, no callback): counted as FAILED for the guard and the ledger.
     settle_give_up_s: int = Field(default=3 * 3600, ge=60)
 
+    # Failures from other channels (payment buttons, the dashboard) fill UpesiPay's window too: beat reads the
+    # newest OTHER_CHANNELS_PAGES pages (100 each) of the transactions list every OTHER_CHANNELS_POLL_S and counts
+    # failed pushes that are not ours (worker/other_channels.py). 0 turns the reading off.
+    other_channels_poll_s: float = Field(default=60.0, ge=0)
+    other_channels_pages: int = Field(default=2, ge=1, le=20)
+
     # The guard (docs/ARCHITECTURE.md and docs/guard.md); defaults are UpesiPay's documented limits. Lower values
     # leave a margin; higher ones are refused (_provider_limits): they would let the provider block us.
     phone_streak_limit: int = Field(default=10, ge=1)

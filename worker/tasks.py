@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker import dispatch, settlement
+from worker import dispatch, other_channels, settlement
 from worker.sending import send_payment
 
 
@@ -31,3 +31,8 @@ def requeue_stale() -> int:
 @shared_task(name="stkpush.dispatch.settle", ignore_result=True)
 def settle() -> int:
     return settlement.settle_due()
+
+
+@shared_task(name="stkpush.dispatch.other_channels", ignore_result=True)
+def count_other_channels() -> int:
+    return other_channels.count_other_channel_failures()

@@ -83,15 +83,25 @@ def test_rest_mode_frees_the_number_after_the_cooldown(redis_client: redis.Redis
 
 def test_settings_hold_by_default_and_rest_only_when_asked() -> None:
     assert GuardLimits.from_settings(load_settings(**REQUIRED)).holds_at_limit
-    rested = GuardLimits.from_settings(load_settings(**REQUIRED, phone_at_limit="rest", phone_cooldown_s=3600))
+    rested = GuardLimits.from_settings(
+        load_settings(**REQUIRED, phone_at_limit="rest", phone_cooldown_s=3600)
+    )
     assert not rested.holds_at_limit and rested.phone_cooldown_s == 3600
 
 
 @pytest.mark.parametrize(
     ("field", "value", "rule"),
     [
-        ("phone_streak_limit", 11, "PHONE_STREAK_LIMIT: Value error, must be at most 10: UpesiPay blocks a number"),
-        ("account_failure_limit", 51, "ACCOUNT_FAILURE_LIMIT: Value error, must be at most 50: UpesiPay restricts"),
+        (
+            "phone_streak_limit",
+            11,
+            "PHONE_STREAK_LIMIT: Value error, must be at most 10: UpesiPay blocks a number",
+        ),
+        (
+            "account_failure_limit",
+            51,
+            "ACCOUNT_FAILURE_LIMIT: Value error, must be at most 50: UpesiPay restricts",
+        ),
         ("phone_at_limit", "forget", "PHONE_AT_LIMIT: Input should be 'hold' or 'rest'"),
     ],
 )

@@ -102,7 +102,9 @@ class PhoneSnapshot:
     streak: int
     in_flight: int
     blocked_until: float | None  # epoch seconds (guard clock), provider block or rest at the streak limit
-    held: bool = False  # at its streak limit and held until a success or a release (blocked_until is far away)
+    held: bool = (
+        False  # at its streak limit and held until a success or a release (blocked_until is far away)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +242,7 @@ class Guard:
         self._restrict_script = redis.register_script(_script_text("restrict"))
         self._block_script = redis.register_script(_script_text("block"))
         self._release_script = redis.register_script(_script_text("release"))
+        self._external_script = redis.register_script(_script_text("external"))
         self._snapshot_script = redis.register_script(_script_text("snapshot"))
 
     # -- the two hot paths -------------------------------------------------------------------------------------
@@ -287,6 +290,14 @@ class Guard:
         _check_phone(phone)
         _duration("seconds", seconds)
         self._call(self._block_script, self._keys, (self._head(), phone, _ms(seconds)))
+
+    def count_external_failure(self, reference: str, failed_at: float) -> bool:
+        """A push the account made through another channel failed at `failed_at` (epoch seconds): count it in the
+        window once per provider `reference`. False when it was counted before or has slid out of the window."""
+        _check_token(reference)
+        if not math.isfinite(failed_at):
+            raise ValueError("failed_at must be a finite time")
+        return bool(self._call(self._external_script, self._keys, (self._head(), reference, _ms(failed_at))))
 
     def release_phone(self, phone: str) -> bool:
         """An operator releases a number held at its streak limit: its streak starts afresh at 0.

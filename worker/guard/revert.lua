@@ -11,7 +11,8 @@ local window_start = '(' .. string.format('%d', now - window)
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', window_key, window_start, '+inf')) do
   local seq, phone, owner = string.match(member, '^(%d+)|([^|]*)|(.*)$')
   seq = tonumber(seq)
-  if owner == token and seq > found_seq then
+  -- Phone '-' marks a failure from another channel (external.lua): no token of ours ever owns it.
+  if owner == token and phone ~= '-' and seq > found_seq then
     found, found_seq, found_phone = member, seq, phone
   end
 end

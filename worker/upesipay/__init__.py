@@ -1,6 +1,7 @@
 """The UpesiPay API client (`client.py`) and what each of UpesiPay's answers means (`answers.py`)."""
 
 from worker.upesipay.answers import (
+    ListedPush,
     PushOutcome,
     PushRequest,
     PushResult,
@@ -11,6 +12,7 @@ from worker.upesipay.answers import (
 from worker.upesipay.client import UpesiPayClient
 
 __all__ = [
+    "ListedPush",
     "PushOutcome",
     "PushRequest",
     "PushResult",

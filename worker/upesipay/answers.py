@@ -204,3 +204,69 @@ def _seconds_until(when: datetime) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max((when - datetime.now(UTC)) / timedelta(seconds=1), 0.0)
+
+
+@dataclass(frozen=True)
+class TransactionsPage:
+    """One page of the transactions list, in whichever shape it came (the list's answer is undocumented)."""
+
+    items: list[dict[str, Any]]
+    total: int | None  # how many the whole list holds, when the answer says
+    last: bool | None  # True when the answer says no page follows, None when it does not say
+
+
+def _transactions_page(body: Any) -> TransactionsPage | None:
+    """The sandbox's {"data": [...], "total"} or PayHero's {"transactions": [...], "pagination": {...}}; None for
+    anything else (an answer we cannot read proves nothing)."""
+    if not isinstance(body, dict):
+        return None
+    items = body.get("data", body.get("transactions"))
+    if not isinstance(items, list):
+        return None
+    total, last = body.get("total"), None
+    pagination = body.get("pagination")
+    if isinstance(pagination, dict):
+        total = pagination.get("count", total)
+        page, pages = pagination.get("page"), pagination.get("num_pages")
+        if "next_page" in pagination:
+            last = pagination["next_page"] in (None, "", 0)
+        elif type(page) is int and type(pages) is int:
+            last = page >= pages
+    return TransactionsPage(
+        items=[item for item in items if isinstance(item, dict)],
+        total=total if type(total) is int else None,
+        last=last,
+    )
+
+
+def _transaction_time(item: dict[str, Any]) -> datetime | None:
+    for key in ("transaction_date", "created_at", "updated_at"):
+        value = item.get(key)
+        if isinstance(value, str) and value:
+            try:
+                when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            # No zone is read as UTC: if UpesiPay meant Nairobi time (UTC+3) the failure counts 3 h longer.
+            return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return None
+
+
+@dataclass(frozen=True)
+class ListedPush:
+    """A push the transactions list shows as failed: what counting it in the guard's window needs."""
+
+    reference: str
+    external_reference: str | None
+    failed_at: datetime | None  # None when the list gives no readable time
+
+
+def _failed_push(item: dict[str, Any]) -> ListedPush | None:
+    """The item as a failed push, or None: only an explicit FAILED (or cancelled) status says so."""
+    if str(item.get("status", "")).upper() not in {"FAILED", "FAILURE", "CANCELLED"}:
+        return None
+    reference = _text(item.get("reference")) or _text(item.get("transaction_reference"))
+    if reference is None:
+        return None
+    external = _text(item.get("external_reference")) or _text(item.get("ExternalReference"))
+    return ListedPush(reference=reference, external_reference=external, failed_at=_transaction_time(item))

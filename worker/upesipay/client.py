@@ -30,17 +30,20 @@ from worker.upesipay.answers import (
     _PRIORITY,
     _RESTRICTION_RE,
     _STATUSES,
+    ListedPush,
     PushOutcome,
     PushRequest,
     PushResult,
     RestrictionScope,
     StatusResult,
     TransactionStatus,
+    _failed_push,
     _json,
     _message,
     _no_transaction,
     _retry_after_s,
     _text,
+    _transactions_page,
     _wait_from_text,
 )
 
@@ -169,10 +172,11 @@ class UpesiPayClient:
                 detail = f"transactions page {page} not read ({type(error).__name__})"
                 return _no_transaction(TransactionStatus.ERROR, detail), page
             body = _json(response)
-            items = body.get("data") if isinstance(body, dict) else None
-            if not response.is_success or not isinstance(body, dict) or not isinstance(items, list):
+            listed = _transactions_page(body) if response.is_success else None
+            if listed is None:
                 detail = f"transactions page {page}: unusable answer (HTTP {response.status_code})"
                 return _no_transaction(TransactionStatus.ERROR, detail, self._raw(body)), page
+            items = listed.items
             keys = {json.dumps(item, sort_keys=True, default=str) for item in items}
             matches = [
                 item
@@ -186,14 +190,37 @@ class UpesiPayClient:
             if items and keys <= seen:  # the page parameter was ignored: what was read proves nothing
                 return _no_transaction(TransactionStatus.ERROR, f"transactions page {page} repeats"), page
             seen |= keys
-            total = body.get("total")
-            if not items or (type(total) is int and len(seen) >= total):
+            if not items or listed.last or (listed.total is not None and len(seen) >= listed.total):
                 detail = f"no transaction with this external reference among {len(seen)} listed"
                 return _no_transaction(
                     TransactionStatus.NOT_FOUND, detail, external_reference=external_reference
                 ), page
         detail = f"not in the first {max_pages} pages of transactions, and the list goes on"
         return _no_transaction(TransactionStatus.ERROR, detail), max_pages
+
+    def recent_failed_pushes(
+        self, *, max_pages: int = 2, per: int = 100
+    ) -> tuple[list[ListedPush], str | None]:
+        """Failed pushes among the newest `max_pages` pages of the transactions list, and why the list could not
+        be read (None when it could). Bounded: it never reads further, whatever the list holds."""
+        if max_pages < 1 or per < 1:
+            raise ValueError("max_pages and per must be at least 1")
+        started, failed = time.monotonic(), list[ListedPush]()
+        for page in range(1, max_pages + 1):
+            try:
+                response = self._http.get(
+                    self._base_url + TRANSACTIONS_PATH, params={"page": page, "per": per}
+                )
+            except (httpx.HTTPError, httpx.InvalidURL) as error:
+                return failed, f"transactions page {page} not read ({type(error).__name__})"
+            listed = _transactions_page(_json(response)) if response.is_success else None
+            if listed is None:
+                return failed, f"transactions page {page}: unusable answer (HTTP {response.status_code})"
+            failed.extend(push for push in map(_failed_push, listed.items) if push is not None)
+            if not listed.items or listed.last or (listed.total is not None and page * per >= listed.total):
+                break
+        _log(f"transactions ({page} pages, recent)", "read", None, started)
+        return failed, None
 
     def _status_answer(self, response: httpx.Response, reference: str) -> StatusResult:
         body, code = _json(response), response.status_code

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import Engine, func
 from sqlmodel import col, select
 
-from worker import runtime
+from worker import other_channels, runtime
 from worker.guard import Guard
 from worker.ledger import (
     TERMINAL_STATES,
@@ -148,6 +148,20 @@ def _running_batches(engine: Engine, account: str) -> list[dict[str, Any]]:
     return views
 
 
+def _other_channels_view(account: str) -> dict[str, Any]:
+    settings = runtime.settings()
+    try:
+        reading = other_channels.last_reading(account)
+    except Exception as error:  # Redis away: the ledger's count still shows
+        reading = {"readable": False, "problem": f"unknown ({type(error).__name__})"}
+    return {
+        "enabled": settings.other_channels_poll_s > 0,
+        "failures_in_window": other_channels.failures_in_window(account, settings.account_window_s),
+        "readable": None if reading is None else bool(reading["readable"]),
+        "problem": None if reading is None else reading.get("problem"),
+    }
+
+
 def snapshot() -> dict[str, Any]:
     """Everything the dashboard shows, as JSON-ready values; phone numbers masked."""
     engine, account = runtime.engine(), runtime.settings().upesipay_account
@@ -158,6 +172,7 @@ def snapshot() -> dict[str, Any]:
         "payments": payments,
         "payments_total": sum(payments.values()),
         "batches": _running_batches(engine, account),
+        "other_channels": _other_channels_view(account),
     }
     try:
         guard = runtime.guard()
@@ -226,6 +241,7 @@ PAGE = """<!doctype html>
       <tr><td>headroom (sends allowed now)</td><td class="n" id="headroom"></td></tr>
       <tr><td>window</td><td class="n" id="window"></td></tr>
       <tr><td>numbers under an UpesiPay block</td><td class="n" id="blocked-count"></td></tr>
+      <tr><td>of the failures, from other channels</td><td class="n" id="other-channels"></td></tr>
     </table>
   </section>
   <section id="restrictions"><h2>Restrictions</h2><div id="restriction-list"></div></section>
@@ -293,6 +309,13 @@ function render(d) {
     restrictions.push(el("p", text, "alert"));
   }
   if (!g.available) restrictions.push(el("p", "Unknown: the guard cannot be read, so nothing is being sent", "alert"));
+  const oc = d.other_channels;
+  set("other-channels", oc.enabled ? oc.failures_in_window : "not read");
+  if (oc.enabled && oc.readable === false) {
+    const text = "Failures from other channels are not counted: the transactions list could not be read (" +
+      oc.problem + "); only the margin below UpesiPay's limit protects the account";
+    restrictions.push(el("p", text, "alert"));
+  }
   document.getElementById("restriction-list").replaceChildren(
     ...(restrictions.length ? restrictions : [el("p", "none", "none")]));
 

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from worker import runtime
+from worker import other_channels, runtime
 from worker.ledger import Payment, PaymentState, count_by_state, session_scope, utcnow
 from worker.metrics import shared
 
@@ -35,7 +35,13 @@ class StkpushCollector(Collector):
         up = GaugeMetricFamily(
             "stkpush_scrape_source_up", "Whether this scrape could read a source.", labels=["source"]
         )
-        for source, read in (("ledger", self._ledger), ("guard", self._guard), ("counters", self._counters)):
+        sources = (
+            ("ledger", self._ledger),
+            ("guard", self._guard),
+            ("counters", self._counters),
+            ("other_channels", self._other_channels),
+        )
+        for source, read in sources:
             try:
                 families = list(read())
             except Exception as error:
@@ -109,6 +115,21 @@ class StkpushCollector(Collector):
             "stkpush_sending_paused_seconds",
             "Seconds left of the account-wide pause after UpesiPay refused the credentials.",
             runtime.credentials_pause().remaining_s(),
+        )
+
+    def _other_channels(self) -> Iterator[Metric]:
+        settings = runtime.settings()
+        account = settings.upesipay_account
+        yield _gauge(
+            "stkpush_other_channel_failures_in_window",
+            "Failed pushes the account made without stkpush, read from the transactions list, in the window.",
+            other_channels.failures_in_window(account, settings.account_window_s),
+        )
+        reading = other_channels.last_reading(account)
+        yield _gauge(
+            "stkpush_transactions_list_readable",
+            "1 when the last reading of the transactions list worked, 0 when it failed, -1 when none is known.",
+            -1 if reading is None else int(bool(reading["readable"])),
         )
 
     def _counters(self) -> Iterator[Metric]:
