@@ -47,6 +47,11 @@ def free_cluster_port(taken: set[int]) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def _cluster(client: redis.Redis, *args: object) -> object:
+    """One CLUSTER subcommand on one node (redis-py types no generic command)."""
+    return client.execute_command("CLUSTER", *args)  # type: ignore[no-untyped-call]
+
+
 @dataclass
 class EmbeddedRedisCluster:
     masters: int = 3
@@ -69,7 +74,7 @@ class EmbeddedRedisCluster:
             self._assign_slots()
             first = self._client(self.ports[0])
             for port in self.ports[1:]:
-                first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+                _cluster(first, "MEET", "127.0.0.1", port)
             self._wait(self._cluster_ok, timeout_s, "agree on the cluster")
         except BaseException:
             self.stop()
@@ -106,10 +111,10 @@ class EmbeddedRedisCluster:
         for index, port in enumerate(self.ports):
             first = index * share
             last = SLOTS if index == self.masters - 1 else first + share
-            self._client(port).execute_command("CLUSTER", "ADDSLOTS", *range(first, last))
+            _cluster(self._client(port), "ADDSLOTS", *range(first, last))
 
     def _cluster_ok(self, port: int) -> bool:
-        info = self._client(port).execute_command("CLUSTER", "INFO")
+        info = _cluster(self._client(port), "INFO")
         text = info.decode() if isinstance(info, bytes) else str(info)
         return "cluster_state:ok" in text and f"cluster_known_nodes:{self.masters}" in text
 
