@@ -14,7 +14,7 @@ from pathlib import Path
 
 from worker import metrics, runtime
 from worker.dispatch import guard_refusal_reason
-from worker.guard import Outcome, RefusalReason
+from worker.guard import Lane, Outcome, RefusalReason
 from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
 from worker.phones import mask_phone
 from worker.signing import callback_url
@@ -68,6 +68,11 @@ def defer(payment: Payment, seconds: float, reason: str, from_state: PaymentStat
     )
 
 
+def lane_of(payment: Payment) -> Lane:
+    """The guard's lane follows the payment's queue, so it can always be told again from the ledger."""
+    return Lane.BULK if payment.queue == "bulk" else Lane.INTERACTIVE
+
+
 def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     engine = runtime.engine()
     payment = get_payment(engine, payment_id)
@@ -94,7 +99,7 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     if pause > 0:
         defer(payment, pause, "sending paused: UpesiPay refused the credentials", PaymentState.SENDING)
         return SendResult.PAUSED, None
-    decision = guard.admit(payment.phone, token)
+    decision = guard.admit(payment.phone, token, lane_of(payment))
     metrics.record_guard_decision(decision)
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     phone_max_inflight: int = Field(default=1, ge=1)
     account_failure_limit: int = Field(default=50, ge=1)
     account_window_s: int = Field(default=6 * 3600, ge=1)
+    # Lanes (docs/guard.md, "Lanes"): batch rows are admitted only while failures + sends in flight stay below
+    # ACCOUNT_FAILURE_LIMIT - INTERACTIVE_RESERVE, so a customer at a checkout always finds this much budget.
+    interactive_reserve: int = Field(default=10, ge=0)
+    # Batch sends in flight at once, at most: each may still fail, so a batch cannot commit the whole bulk lane
+    # to outcomes it has not seen yet.
+    bulk_max_inflight: int = Field(default=20, ge=1)
+    # Deadlines: how long a single payment is worth prompting for when its producer does not say (a customer
+    # leaves the checkout); past it, a payment never sent ends EXPIRED. Batch rows have none unless given.
+    interactive_expires_in_s: int = Field(default=600, ge=1)
 
     # Where POST /batches spools uploads and where HTTP batches' rejects files are kept (operators clean it up);
     # empty: <system temp>/stkpush-batches.
@@ -108,6 +117,8 @@ class Settings(BaseSettings):
     def _bounds(self) -> Settings:
         if self.amount_min > self.amount_max:
             raise ValueError("AMOUNT_MIN must not exceed AMOUNT_MAX")
+        if self.interactive_reserve >= self.account_failure_limit:
+            raise ValueError("INTERACTIVE_RESERVE must be below ACCOUNT_FAILURE_LIMIT")
         if self.send_backoff_cap_s * 2 > self.visibility_timeout_s:
             raise ValueError("SEND_BACKOFF_CAP_S must be at most half of VISIBILITY_TIMEOUT_S")
         return self
