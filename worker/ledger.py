@@ -32,11 +32,20 @@ class PaymentState(StrEnum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     REJECTED = "REJECTED"  # UpesiPay refused the request itself; the customer was never prompted
+    EXPIRED = "EXPIRED"  # its deadline (expires_at) passed before it could be sent; never sent
 
 
 TERMINAL_STATES = frozenset(
-    {PaymentState.SUCCEEDED, PaymentState.FAILED, PaymentState.CANCELLED, PaymentState.REJECTED}
+    {
+        PaymentState.SUCCEEDED,
+        PaymentState.FAILED,
+        PaymentState.CANCELLED,
+        PaymentState.REJECTED,
+        PaymentState.EXPIRED,
+    }
 )
+# The states a payment waits in before it is sent: a deadline or a batch pause applies to these.
+WAITING_STATES = (PaymentState.PENDING, PaymentState.DEFERRED)
 
 
 def utcnow() -> datetime:
@@ -72,6 +81,8 @@ class Payment(SQLModel, table=True):
     attempts: int = 0  # sends that consumed a retry (connection failures); guard waits never do
     next_attempt_at: datetime | None = Field(default=None, index=True)
     guard_token: str | None = Field(default=None, max_length=64)
+    # Not sent by then: EXPIRED instead (a customer who left the checkout must not be prompted). None: no deadline.
+    expires_at: datetime | None = None
 
     provider_reference: str | None = Field(default=None, max_length=64, index=True)
     checkout_request_id: str | None = Field(default=None, max_length=100)
@@ -115,6 +126,11 @@ class Batch(SQLModel, table=True):
     rejects_path: str | None = Field(default=None, max_length=1024)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime | None = None
+    # Paused by its own outcomes (worker/batch_brake.py): its waiting rows are held until an operator resumes it.
+    paused_at: datetime | None = None
+    pause_reason: str | None = Field(default=None, max_length=500)
+    # Outcomes before this are not held against the batch again after a resume.
+    resumed_at: datetime | None = None
 
 
 def make_engine(database_url: str) -> Engine:

@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from worker import metrics, runtime
-from worker.dispatch import guard_refusal_reason
+from worker.dispatch import expire, guard_refusal_reason
 from worker.guard import Lane, Outcome, RefusalReason
 from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
 from worker.phones import mask_phone
@@ -38,6 +38,7 @@ class SendResult(StrEnum):
     RETRY = "retry"
     GAVE_UP = "gave-up"
     UNKNOWN = "unknown"
+    EXPIRED = "expired"  # past its deadline before it could be sent: never sent
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     if payment is None:
         log.warning("stk_push for unknown payment %s: nothing to do", payment_id)
         return SendResult.MISSING, None
+    if payment.expires_at is not None and payment.expires_at <= utcnow():
+        # The customer has likely left the checkout: a late prompt would only confuse (or be paid twice).
+        if expire(payment.id):
+            return SendResult.EXPIRED, None
+        return SendResult.NOT_CLAIMABLE, None
     token = f"{payment.id}.{secrets.token_hex(4)}"
     # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
     # claimed (or past it) and sends nothing.
