@@ -12,7 +12,7 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from worker import metrics, runtime
+from worker import batch_brake, metrics, runtime
 from worker.dispatch import expire, guard_refusal_reason
 from worker.guard import Lane, Outcome, RefusalReason
 from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
@@ -39,6 +39,7 @@ class SendResult(StrEnum):
     GAVE_UP = "gave-up"
     UNKNOWN = "unknown"
     EXPIRED = "expired"  # past its deadline before it could be sent: never sent
+    HELD = "held"  # its batch is paused, or has too many sends unanswered or rejected in a row
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,22 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         return SendResult.NOT_CLAIMABLE, None
     token = f"{payment.id}.{secrets.token_hex(4)}"
     # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
-    # claimed (or past it) and sends nothing.
-    if not transition(
-        engine,
-        payment.id,
-        [PaymentState.PENDING],
-        PaymentState.SENDING,
-        guard_token=token,
-        next_attempt_at=None,
-    ):
+    # claimed (or past it) and sends nothing. A batch row's claim also asks its batch's brake.
+    if payment.batch_id is not None:
+        claimed = batch_brake.claim(payment, token)
+        if claimed in (batch_brake.Claim.HELD, batch_brake.Claim.THROTTLED):
+            return SendResult.HELD, None
+    else:
+        moved = transition(
+            engine,
+            payment.id,
+            [PaymentState.PENDING],
+            PaymentState.SENDING,
+            guard_token=token,
+            next_attempt_at=None,
+        )
+        claimed = batch_brake.Claim.CLAIMED if moved else batch_brake.Claim.NOT_CLAIMABLE
+    if claimed != batch_brake.Claim.CLAIMED:
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 
@@ -182,6 +190,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             )
             # UpesiPay may count a refused request against the account: so does the guard.
             guard.resolve(token, Outcome.FAILURE)
+            batch_brake.note_outcome(payment.batch_id)
             log.warning("payment %s rejected by UpesiPay: %s", payment.id, result.detail)
             return SendResult.REJECTED, None
         case PushOutcome.CREDENTIALS_REFUSED:

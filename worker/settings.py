@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     # Deadlines: how long a single payment is worth prompting for when its producer does not say (a customer
     # leaves the checkout); past it, a payment never sent ends EXPIRED. Batch rows have none unless given.
     interactive_expires_in_s: int = Field(default=600, ge=1)
+    # A batch pauses itself (worker/batch_brake.py) after this many rejections in a row with the same error; its
+    # rows are also claimed only while its sends in SENDING plus its current rejection run stay below it.
+    batch_pause_rejections: int = Field(default=5, ge=1, le=1000)
+    # ... or when, over its last this-many outcomes, the failure rate reaches BATCH_PAUSE_FAILURE_RATE and is
+    # BATCH_PAUSE_NORM_MARGIN above the rest of the account's rate in the window. 0 turns this trigger off.
+    batch_pause_outcomes: int = Field(default=20, ge=0, le=10_000)
+    batch_pause_failure_rate: float = Field(default=0.6, gt=0, le=1)
+    batch_pause_norm_margin: float = Field(default=0.3, ge=0, le=1)
 
     # Where POST /batches spools uploads and where HTTP batches' rejects files are kept (operators clean it up);
     # empty: <system temp>/stkpush-batches.

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.tasks",
             "worker.sending",
             "worker.dispatch",
+            "worker.batch_brake",
             "worker.settlement",
             "worker.metrics",
         ),

@@ -233,10 +233,11 @@ _register_sandbox()
 
 
 def _register_batch() -> None:
-    from worker.cli.batch import batch_command, batch_status_command
+    from worker.cli.batch import batch_command, batch_resume_command, batch_status_command
 
     main.add_command(batch_command, name="batch")
     main.add_command(batch_status_command, name="batch-status")
+    main.add_command(batch_resume_command, name="batch-resume")
 
 
 _register_batch()

@@ -181,6 +181,8 @@ class Scenario:
     seed: int | None = None  # overrides SandboxConfig.seed
     callback_delay_s: float | None = None  # overrides SandboxConfig.callback_delay_s
     late_delay_s: float | None = None  # overrides SandboxConfig.late_delay_s
+    # The account's channel ids: a push naming another is answered 400 (None: every channel is the account's).
+    channels: frozenset[int] | None = None
     source: Mapping[str, Any] = field(default_factory=dict)  # the JSON as given, for GET /sandbox/scenario
 
     def rule_for(self, phone: str) -> OutcomeRule:
@@ -214,8 +216,20 @@ class Scenario:
             seed=seed,
             callback_delay_s=_optional_seconds(data, "callback_delay_s"),
             late_delay_s=_optional_seconds(data, "late_delay_s"),
+            channels=_channels(data.get("channels")),
             source=data,
         )
+
+
+def _channels(value: Any) -> frozenset[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ScenarioError("channels must be a non-empty list of channel ids")
+    for channel in value:
+        if isinstance(channel, bool) or not isinstance(channel, int) or channel < 1:
+            raise ScenarioError("channels: every channel id must be a positive integer")
+    return frozenset(value)
 
 
 def load_scenario(text: str) -> Scenario:
@@ -233,7 +247,16 @@ def load_scenario(text: str) -> Scenario:
     return Scenario.from_json(data)
 
 
-_SCENARIO_KEYS = {"description", "seed", "callback_delay_s", "late_delay_s", "default", "phones", "faults"}
+_SCENARIO_KEYS = {
+    "description",
+    "seed",
+    "callback_delay_s",
+    "late_delay_s",
+    "default",
+    "phones",
+    "faults",
+    "channels",
+}
 _RULE_KEYS = {"outcome", "outcomes", "sequence", "duplicate", "late", "drop"}
 
 

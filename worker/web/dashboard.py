@@ -146,6 +146,8 @@ def _running_batches(engine: Engine, account: str) -> list[dict[str, Any]]:
                 "progress_pct": round(100 * done / payments, 1) if payments else 0.0,
                 "by_state": states,
                 "created_at": batch.created_at.isoformat(timespec="seconds"),
+                "paused": batch.paused_at is not None,
+                "pause_reason": batch.pause_reason,
             }
         )
     return views
@@ -318,7 +320,8 @@ function render(d) {
 
   fill("batch-list", d.batches.map((b) => {
     const tr = row([[b.source_name], [b.done + " / " + b.payments + " settled", "n"],
-                    [b.progress_pct + "%", "n"], [b.succeeded + " succeeded", "n muted"]]);
+                    [b.progress_pct + "%", "n"], [b.succeeded + " succeeded", "n muted"],
+                    [b.paused ? "PAUSED: " + b.pause_reason : "", b.paused ? "alert" : "none"]]);
     tr.dataset.batch = b.id;
     return tr;
   }), "no running batches");

@@ -39,7 +39,7 @@ from producers.batch import (
 )
 from producers.enqueue import PaymentConflictError, enqueue_payment
 from producers.validation import PaymentValidationError, expires_in_error, validate_payment
-from worker import runtime
+from worker import batch_brake, runtime
 from worker.ledger import find_by_reference, get_payment
 from worker.web.access import payment_view, require_api_key
 
@@ -149,6 +149,10 @@ class BatchStatus(BaseModel):
     error: str | None
     created_at: str
     finished_at: str | None
+    paused: bool = Field(description="the batch paused itself; its waiting rows are held until resumed")
+    paused_at: str | None
+    pause_reason: str | None = Field(description="which trigger fired (worker/batch_brake.py)")
+    resumed_at: str | None
     rejects: list[RejectRow] = Field(
         default_factory=list, description=f"the first {REJECTS_SHOWN} rejects (line, field, rule)"
     )
@@ -331,6 +335,20 @@ def get_batch(batch_id: str) -> dict[str, Any]:
         if status["state"] != "INGESTING":  # while ingesting, the file's last row may be half written
             status["rejects"] = list(iter_rejects(status["rejects_path"], REJECTS_SHOWN))
     return status
+
+
+@router.post(
+    "/batches/{batch_id}/resume",
+    summary="Resume a batch that paused itself: its held rows are released within the bulk lane",
+    responses={404: {"description": "no such batch"}, 409: {"description": "the batch is not paused"}},
+)
+def resume_batch(batch_id: str) -> dict[str, Any]:
+    if batch_status(batch_id) is None:
+        raise HTTPException(404, detail="no batch with that id")
+    released = batch_brake.resume(batch_id)
+    if released is None:
+        raise HTTPException(409, detail="the batch is not paused")
+    return {"batch_id": batch_id, "resumed": True, "released": released}
 
 
 @router.get(
