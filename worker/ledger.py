@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, UniqueConstraint, event, update
+from sqlalchemy import Engine, Index, UniqueConstraint, event, update
 from sqlalchemy.engine import make_url
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -62,7 +62,11 @@ def new_external_reference() -> str:
 
 class Payment(SQLModel, table=True):
     __tablename__ = "payment"
-    __table_args__ = (UniqueConstraint("account", "external_reference", name="uq_payment_account_reference"),)
+    __table_args__ = (
+        UniqueConstraint("account", "external_reference", name="uq_payment_account_reference"),
+        # A batch's rows by state: the bulk lane's turns and a batch's brake count these on every batch send.
+        Index("ix_payment_batch_state", "batch_id", "state"),
+    )
 
     id: str = Field(default_factory=new_payment_id, primary_key=True, max_length=32)
     account: str = Field(max_length=64, index=True)

@@ -12,7 +12,7 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from worker import batch_brake, metrics, runtime
+from worker import batch_brake, bulk_turns, metrics, runtime
 from worker.dispatch import expire, guard_refusal_reason
 from worker.guard import Lane, Outcome, RefusalReason
 from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
@@ -81,29 +81,19 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     if payment is None:
         log.warning("stk_push for unknown payment %s: nothing to do", payment_id)
         return SendResult.MISSING, None
-    if payment.expires_at is not None and payment.expires_at <= utcnow():
-        # The customer has likely left the checkout: a late prompt would only confuse (or be paid twice).
-        if expire(payment.id):
-            return SendResult.EXPIRED, None
-        return SendResult.NOT_CLAIMABLE, None
-    token = f"{payment.id}.{secrets.token_hex(4)}"
-    # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
-    # claimed (or past it) and sends nothing. A batch row's claim also asks its batch's brake.
-    if payment.batch_id is not None:
-        claimed = batch_brake.claim(payment, token)
-        if claimed in (batch_brake.Claim.HELD, batch_brake.Claim.THROTTLED):
-            return SendResult.HELD, None
+    # A batch row's message is a turn of the bulk lane: it may send another batch's row (worker.bulk_turns).
+    turns = bulk_turns.candidates(payment) if payment.queue == "bulk" else [payment.id]
+    for candidate_id in turns:
+        candidate = payment if candidate_id == payment.id else get_payment(engine, candidate_id)
+        if candidate is None:
+            continue
+        done, claimed = _claim(candidate)
+        if done is not None:
+            return done, None
+        if claimed is not None:
+            payment, token = candidate, claimed
+            break
     else:
-        moved = transition(
-            engine,
-            payment.id,
-            [PaymentState.PENDING],
-            PaymentState.SENDING,
-            guard_token=token,
-            next_attempt_at=None,
-        )
-        claimed = batch_brake.Claim.CLAIMED if moved else batch_brake.Claim.NOT_CLAIMABLE
-    if claimed != batch_brake.Claim.CLAIMED:
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 
@@ -136,6 +126,31 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     )
     fail_point("after-send")
     return record(payment, token, result)
+
+
+def _claim(payment: Payment) -> tuple[SendResult | None, str | None]:
+    """Claim `payment` for sending: (None, token) when claimed, (result, None) when this delivery is done with
+    it (expired, or held by its batch), (None, None) when another delivery owns it."""
+    if payment.expires_at is not None and payment.expires_at <= utcnow():
+        # The customer has likely left the checkout: a late prompt would only confuse (or be paid twice).
+        return (SendResult.EXPIRED if expire(payment.id) else None), None
+    token = f"{payment.id}.{secrets.token_hex(4)}"
+    # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
+    # claimed (or past it) and sends nothing. A batch row's claim also asks its batch's brake.
+    if payment.batch_id is not None:
+        claimed = batch_brake.claim(payment, token)
+        if claimed in (batch_brake.Claim.HELD, batch_brake.Claim.THROTTLED):
+            return SendResult.HELD, None
+        return None, (token if claimed == batch_brake.Claim.CLAIMED else None)
+    moved = transition(
+        runtime.engine(),
+        payment.id,
+        [PaymentState.PENDING],
+        PaymentState.SENDING,
+        guard_token=token,
+        next_attempt_at=None,
+    )
+    return None, (token if moved else None)
 
 
 def fail_point(name: str) -> None:

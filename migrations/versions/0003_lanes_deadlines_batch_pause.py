@@ -1,5 +1,6 @@
-"""Deadlines and batch pauses (issue 12): payment.expires_at, the EXPIRED state, batch.paused_at / pause_reason /
-resumed_at. Existing rows keep every value; they get no deadline and no pause.
+"""Lanes, deadlines and batch pauses (issue 12): payment.expires_at, the EXPIRED state, an index of a batch's rows
+by state, batch.paused_at / pause_reason / resumed_at. Existing rows keep every value; they get no deadline and
+no pause.
 
 Revision ID: 0003
 Revises: 0001
@@ -44,12 +45,14 @@ def upgrade() -> None:
     op.add_column("batch", sa.Column("paused_at", UTCDateTime(), nullable=True))
     op.add_column("batch", sa.Column("pause_reason", AutoString(length=500), nullable=True))
     op.add_column("batch", sa.Column("resumed_at", UTCDateTime(), nullable=True))
+    op.create_index("ix_payment_batch_state", "payment", ["batch_id", "state"])
 
 
 def downgrade() -> None:
     # The older release knows no EXPIRED: those payments were never sent and will not be, so FAILED says the
     # same to it (the reason column still says why).
     op.execute("UPDATE payment SET state = 'FAILED' WHERE state = 'EXPIRED'")
+    op.drop_index("ix_payment_batch_state", table_name="payment")
     with op.batch_alter_table("batch") as batch:
         batch.drop_column("resumed_at")
         batch.drop_column("pause_reason")

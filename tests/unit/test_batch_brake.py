@@ -153,3 +153,28 @@ def test_a_failure_rate_near_the_accounts_norm_does_not_pause(
     _accept_then_settle(rows[1:], PaymentState.FAILED, provider)
     status = batch_status(batch_id)
     assert status is not None and not status["paused"]
+
+
+def test_a_bulk_message_sends_the_row_of_the_batch_with_the_fewest_sends_in_flight(
+    provider: Provider,
+) -> None:
+    provider.handler = lambda _request: httpx.Response(
+        201, json={"success": True, "status": "QUEUED", "reference": "R", "CheckoutRequestID": "ws"}
+    )
+    big, small = new_batch(), new_batch()
+    big_rows = [batch_row(big, n) for n in range(4)]
+    small_rows = [batch_row(small, 10 + n) for n in range(2)]
+    assert send_payment(big_rows[0].id)[0] == SendResult.ACCEPTED  # big: one in flight, small: none
+    # big's next message is small's turn: small's oldest row goes out, big's row keeps waiting for a message.
+    assert send_payment(big_rows[1].id)[0] == SendResult.ACCEPTED
+    assert reload(small_rows[0]).state == PaymentState.AWAITING_CALLBACK
+    assert reload(big_rows[1]).state == PaymentState.PENDING
+    # small's own message finds its row gone: it is small's turn still (one each), so small's next row goes.
+    assert send_payment(small_rows[0].id)[0] == SendResult.ACCEPTED
+    assert reload(small_rows[1]).state == PaymentState.AWAITING_CALLBACK
+    # big's next messages send big's rows; small1's message, its row gone and small done, sends big's waiting row.
+    assert send_payment(big_rows[2].id)[0] == SendResult.ACCEPTED
+    assert send_payment(big_rows[3].id)[0] == SendResult.ACCEPTED
+    assert send_payment(small_rows[1].id)[0] == SendResult.ACCEPTED
+    assert {reload(row).state for row in big_rows + small_rows} == {PaymentState.AWAITING_CALLBACK}
+    assert len(provider.pushes) == 6

@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.sending",
             "worker.dispatch",
             "worker.batch_brake",
+            "worker.bulk_turns",
             "worker.settlement",
             "worker.metrics",
         ),
