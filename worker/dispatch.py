@@ -145,7 +145,11 @@ def _bulk_turns(condition: Any, room: int) -> list[str]:
             if share:
                 ids += session.exec(
                     select(Payment.id)
-                    .where(condition, col(Payment.queue) == "bulk", col(Payment.batch_id) == batch)
+                    .where(condition, col(Payment.queue) == "bulk")
+                    # Bulk rows enqueued one by one have no batch: they share one turn.
+                    .where(
+                        col(Payment.batch_id).is_(None) if batch is None else col(Payment.batch_id) == batch
+                    )
                     .order_by(col(Payment.next_attempt_at), col(Payment.created_at))
                     .limit(share)
                 ).all()

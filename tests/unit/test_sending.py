@@ -326,3 +326,8 @@ def test_the_bulk_lane_is_shared_by_batch_fewest_in_flight_first(provider: Provi
     # The small batch has nothing in flight: it gets turns until it has as many as the big one, then they share.
     assert sorted(by_batch[i] for i in turns) == ["big", "small", "small", "small"]
     assert _bulk_turns(waiting, 0) == []
+    # Bulk rows enqueued without a batch take their turns too.
+    loose = new_payment("LOOSE", phone="254714000001")
+    mark(engine, loose.id, queue="bulk")
+    transition(engine, loose.id, [PaymentState.PENDING], PaymentState.DEFERRED, next_attempt_at=utcnow())
+    assert loose.id in _bulk_turns(waiting, 20)
