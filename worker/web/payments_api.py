@@ -204,7 +204,9 @@ async def create_payment(request: Request) -> JSONResponse:
     settings = runtime.settings()
     deadline_error = expires_in_error(document.get("expires_in"))
     try:
-        validate_payment(document, amount_min=settings.amount_min, amount_max=settings.amount_max)
+        # expires_in is the request's, not the payment's: the one schema knows the payment's fields only.
+        fields = {name: value for name, value in document.items() if name != "expires_in"}
+        validate_payment(fields, amount_min=settings.amount_min, amount_max=settings.amount_max)
     except PaymentValidationError as error:
         errors = error.errors + ([deadline_error] if deadline_error else [])
         return problem(422, "invalid payment request", PaymentValidationError(errors).as_dict())
