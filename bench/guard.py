@@ -25,13 +25,16 @@ from limits.strategies import MovingWindowRateLimiter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.guard import Guard, GuardLimits, Outcome
+from worker.guard import Guard, GuardLimits, Lane, Outcome
 from worker.local.embedded_redis import EmbeddedRedis
 
 # Throughput runs: every admit is admitted (the full path: checks, reservation, phone update, TTLs), so the
 # budget and streak limits are set out of the way. Like a bulk invoice batch, every admit is for a number the
-# guard has not seen yet, so each one creates state.
-THROUGHPUT_LIMITS = GuardLimits(account_failure_limit=10**9, restriction_tiers=())
+# guard has not seen yet, so each one creates state, and goes through the bulk lane (the longer path: the reserve
+# and the bulk in-flight cap are checked and counted too).
+THROUGHPUT_LIMITS = GuardLimits(
+    account_failure_limit=10**9, restriction_tiers=(), interactive_reserve=10, bulk_max_inflight=10**9
+)
 
 
 def fresh_numbers(rep: int, ops: int) -> list[str]:
@@ -74,7 +77,7 @@ def admit_workload(client: redis.Redis, rep: int, ops: int) -> Workload:
     numbers = fresh_numbers(rep, ops)
 
     def step(i: int) -> None:
-        if not guard.admit(numbers[i], f"a{i}").admitted:
+        if not guard.admit(numbers[i], f"a{i}", Lane.BULK).admitted:
             raise RuntimeError("the guard refused an admit it should have allowed")
 
     return Workload("guard admit", step)
@@ -88,7 +91,7 @@ def cycle_workload(client: redis.Redis, rep: int, ops: int) -> Workload:
 
     def step(i: int) -> None:
         token = f"c{i}"
-        if not guard.admit(numbers[i], token).admitted:
+        if not guard.admit(numbers[i], token, Lane.BULK).admitted:
             raise RuntimeError("the guard refused an admit it should have allowed")
         guard.resolve(token, outcomes[i % 3])
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from producers.validation import PaymentRequest, validate_payment
+from producers.validation import (
+    PaymentRequest,
+    PaymentValidationError,
+    expires_in_error,
+    validate_payment,
+)
 from worker import runtime
 from worker.dispatch import publish_payment
 from worker.ledger import (
@@ -17,6 +23,7 @@ from worker.ledger import (
     find_by_reference,
     new_external_reference,
     session_scope,
+    utcnow,
 )
 from worker.phones import mask_phone
 
@@ -66,24 +73,37 @@ def enqueue_payment(
     channel_id: Any = None,
     *,
     queue: str = "single",
+    expires_in: Any = None,
 ) -> PaymentHandle:
     """Record one payment request and queue its STK push; idempotent per external_reference.
+
+    `expires_in`: seconds the prompt is worth sending for (a customer leaves a checkout); past it, a payment not
+    yet sent ends EXPIRED. None: INTERACTIVE_EXPIRES_IN_S for single payments, no deadline for bulk ones. A
+    repeated request keeps the first request's deadline.
 
     Raises PaymentValidationError (every bad field named) or PaymentConflictError. When Redis can't be reached
     the payment stays recorded as PENDING and the handle says `queued=False`.
     """
     settings = runtime.settings()
-    request = validate_payment(
-        {
-            "amount": amount,
-            "phone_number": phone_number,
-            "external_reference": external_reference,
-            "customer_name": customer_name,
-            "channel_id": channel_id,
-        },
-        amount_min=settings.amount_min,
-        amount_max=settings.amount_max,
-    )
+    deadline_error = expires_in_error(expires_in)
+    try:
+        request = validate_payment(
+            {
+                "amount": amount,
+                "phone_number": phone_number,
+                "external_reference": external_reference,
+                "customer_name": customer_name,
+                "channel_id": channel_id,
+            },
+            amount_min=settings.amount_min,
+            amount_max=settings.amount_max,
+        )
+    except PaymentValidationError as error:
+        raise PaymentValidationError(error.errors + ([deadline_error] if deadline_error else [])) from None
+    if deadline_error is not None:
+        raise PaymentValidationError([deadline_error])
+    if expires_in is None and queue == "single":
+        expires_in = settings.interactive_expires_in_s
     account = settings.upesipay_account
     channel = request.channel_id or settings.upesipay_channel_id
     reference = request.external_reference or new_external_reference()
@@ -96,6 +116,7 @@ def enqueue_payment(
         customer_name=request.customer_name,
         channel_id=channel,
         queue=queue,
+        expires_at=utcnow() + timedelta(seconds=expires_in) if expires_in is not None else None,
     )
     try:
         with session_scope(engine) as session:

@@ -142,3 +142,19 @@ def validate_payment(raw: Mapping[str, Any], *, amount_min: int, amount_max: int
     if errors:
         raise PaymentValidationError(errors)
     return request
+
+
+# A deadline longer than this is no deadline for a customer at a checkout, and keeps the check simple to reason
+# about (a week, in seconds).
+EXPIRES_IN_MAX_S = 7 * 24 * 3600
+
+
+def expires_in_error(value: Any) -> FieldError | None:
+    """The rule for `expires_in` (seconds a payment is worth prompting for), or None when it is fine or absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return FieldError("expires_in", "must be a whole number of seconds (an integer)")
+    if not 1 <= value <= EXPIRES_IN_MAX_S:
+        return FieldError("expires_in", f"must be between 1 and {EXPIRES_IN_MAX_S} seconds")
+    return None

@@ -1,5 +1,6 @@
-"""The dispatcher (run by beat): release due DEFERRED payments within the guard's headroom, re-queue PENDING
-payments whose message was never sent or was lost, and recover SENDING rows whose worker died."""
+"""The dispatcher (run by beat): expire waiting payments past their deadline, release due DEFERRED payments lane
+by lane within each lane's headroom, re-queue PENDING payments whose message was never sent or was lost, and
+recover SENDING rows whose worker died."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case
+from sqlalchemy import case, func
 from sqlmodel import col, select
 
 from worker import runtime
-from worker.guard import RefusalReason
-from worker.ledger import Payment, PaymentState, mark, session_scope, transition, utcnow
+from worker.guard import AccountSnapshot, RefusalReason
+from worker.ledger import WAITING_STATES, Payment, PaymentState, mark, session_scope, transition, utcnow
 
 log = logging.getLogger("stkpush.dispatch")
 
@@ -55,37 +56,129 @@ def _single_first() -> object:
     return case((col(Payment.queue) == "single", 0), else_=1)
 
 
-def release_deferred() -> int:
-    """Release due DEFERRED payments, oldest first, single payments before batch rows, within the headroom."""
-    headroom = runtime.guard().account_snapshot().headroom
-    if headroom <= 0:
-        return 0
+EXPIRED_REASON = "not sent before its deadline (expires_at): never prompted"
+# States whose sends are (or may be) in flight: a batch's share of the bulk lane is counted in these.
+IN_FLIGHT_STATES = (PaymentState.SENDING, PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
+
+
+def expire(payment_id: str) -> bool:
+    """A waiting payment past its deadline ends EXPIRED; False when it was no longer waiting."""
+    return transition(
+        runtime.engine(), payment_id, WAITING_STATES, PaymentState.EXPIRED, reason=EXPIRED_REASON
+    )
+
+
+def expire_overdue() -> int:
+    """Every PENDING or DEFERRED payment whose deadline has passed ends EXPIRED: it is never sent."""
     now = utcnow()
     with session_scope(runtime.engine()) as session:
-        rows = session.exec(
-            select(Payment.id, Payment.queue)
-            .where(Payment.state == PaymentState.DEFERRED, col(Payment.next_attempt_at) <= now)
-            .order_by(_single_first(), col(Payment.next_attempt_at), col(Payment.created_at))  # type: ignore[arg-type]
-            .limit(min(headroom, TICK_LIMIT))
+        ids = session.exec(
+            select(Payment.id)
+            .where(col(Payment.state).in_(WAITING_STATES), col(Payment.expires_at) <= now)
+            .limit(TICK_LIMIT)
         ).all()
-    released = sum(_release(payment_id, queue) for payment_id, queue in rows)
+    expired = sum(expire(payment_id) for payment_id in ids)
+    if expired:
+        log.info("expired %d payments past their deadline", expired)
+    return expired
+
+
+def release_deferred() -> int:
+    """Expire what is past its deadline, then release due DEFERRED payments lane by lane: single payments within
+    the account's headroom, then batch rows within the bulk lane's (shared by batch, docs/guard.md "Lanes")."""
+    expire_overdue()
+    snapshot = runtime.guard().account_snapshot()
+    if snapshot.headroom <= 0:
+        return 0
+    now = utcnow()
+    due = (col(Payment.state) == PaymentState.DEFERRED) & (col(Payment.next_attempt_at) <= now)
+    with session_scope(runtime.engine()) as session:
+        singles = session.exec(
+            select(Payment.id)
+            .where(due, col(Payment.queue) == "single")
+            .order_by(col(Payment.next_attempt_at), col(Payment.created_at))
+            .limit(min(snapshot.headroom, TICK_LIMIT))
+        ).all()
+    released = sum(_release(payment_id, "single") for payment_id in singles)
+    # Each single payment just released will hold a reservation the bulk lane counts too.
+    bulk_room = min(snapshot.bulk_headroom - len(singles), TICK_LIMIT)
+    released += sum(_release(payment_id, "bulk") for payment_id in _bulk_turns(due, bulk_room))
     if released:
-        log.info("released %d deferred payments (headroom %d)", released, headroom)
+        log.info(
+            "released %d deferred payments (headroom %d, bulk %d)",
+            released,
+            snapshot.headroom,
+            snapshot.bulk_headroom,
+        )
     return released
+
+
+def _bulk_turns(condition: Any, room: int) -> list[str]:
+    """Up to `room` waiting batch rows matching `condition`, shared between batches: each turn goes to the batch
+    with the fewest sends in flight (then the oldest row), so a big batch cannot hold the bulk lane for itself."""
+    if room <= 0:
+        return []
+    with session_scope(runtime.engine()) as session:
+        waiting = dict(
+            session.exec(
+                select(Payment.batch_id, func.count())
+                .where(condition, col(Payment.queue) == "bulk")
+                .group_by(Payment.batch_id)
+            ).all()
+        )
+        if not waiting:
+            return []
+        in_flight = dict(
+            session.exec(
+                select(Payment.batch_id, func.count())
+                .where(col(Payment.state).in_(IN_FLIGHT_STATES), col(Payment.batch_id).in_(list(waiting)))
+                .group_by(Payment.batch_id)
+            ).all()
+        )
+        shares = {batch: 0 for batch in waiting}
+        for _ in range(min(room, sum(waiting.values()))):
+            open_batches = [batch for batch in shares if shares[batch] < waiting[batch]]
+            turn = min(open_batches, key=lambda batch: (in_flight.get(batch, 0) + shares[batch], str(batch)))
+            shares[turn] += 1
+        ids: list[str] = []
+        for batch, share in shares.items():
+            if share:
+                ids += session.exec(
+                    select(Payment.id)
+                    .where(condition, col(Payment.queue) == "bulk")
+                    # Bulk rows enqueued one by one have no batch: they share one turn.
+                    .where(
+                        col(Payment.batch_id).is_(None) if batch is None else col(Payment.batch_id) == batch
+                    )
+                    .order_by(col(Payment.next_attempt_at), col(Payment.created_at))
+                    .limit(share)
+                ).all()
+    return ids
 
 
 def release_freed(phone: str) -> bool:
     """A resolve just freed a reservation: release, without waiting for beat's next tick, the one payment it
     most likely unblocks: the oldest waiting only for this number to be free, else (while the account has
-    headroom) the oldest waiting for the account budget. Single payments go before batch rows."""
+    headroom) the oldest single payment waiting for the budget, else (while the bulk lane has room) the next
+    batch row waiting for the budget or the bulk lane, by batch turn."""
     waiting_for_phone = (col(Payment.phone) == phone) & (
         col(Payment.reason) == guard_refusal_reason(RefusalReason.PHONE_BUSY)
     )
     if _release_oldest(waiting_for_phone):
         return True
-    if runtime.guard().account_snapshot().headroom <= 0:
+    snapshot: AccountSnapshot = runtime.guard().account_snapshot()
+    if snapshot.headroom <= 0:
         return False
-    return _release_oldest(col(Payment.reason) == guard_refusal_reason(RefusalReason.ACCOUNT_BUDGET))
+    waiting_for_budget = col(Payment.reason) == guard_refusal_reason(RefusalReason.ACCOUNT_BUDGET)
+    if _release_oldest(waiting_for_budget & (col(Payment.queue) == "single")):
+        return True
+    waiting_for_lane = (col(Payment.state) == PaymentState.DEFERRED) & (
+        waiting_for_budget | (col(Payment.reason) == guard_refusal_reason(RefusalReason.BULK_LANE_FULL))
+    )
+    return any(
+        _release(payment_id, "bulk")
+        for payment_id in _bulk_turns(waiting_for_lane, min(snapshot.bulk_headroom, 1))
+    )
 
 
 def _release_oldest(condition: Any) -> bool:

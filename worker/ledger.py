@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, UniqueConstraint, event, update
+from sqlalchemy import Engine, Index, UniqueConstraint, event, update
 from sqlalchemy.engine import make_url
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -32,11 +32,20 @@ class PaymentState(StrEnum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     REJECTED = "REJECTED"  # UpesiPay refused the request itself; the customer was never prompted
+    EXPIRED = "EXPIRED"  # its deadline (expires_at) passed before it could be sent; never sent
 
 
 TERMINAL_STATES = frozenset(
-    {PaymentState.SUCCEEDED, PaymentState.FAILED, PaymentState.CANCELLED, PaymentState.REJECTED}
+    {
+        PaymentState.SUCCEEDED,
+        PaymentState.FAILED,
+        PaymentState.CANCELLED,
+        PaymentState.REJECTED,
+        PaymentState.EXPIRED,
+    }
 )
+# The states a payment waits in before it is sent: a deadline or a batch pause applies to these.
+WAITING_STATES = (PaymentState.PENDING, PaymentState.DEFERRED)
 
 
 def utcnow() -> datetime:
@@ -53,7 +62,11 @@ def new_external_reference() -> str:
 
 class Payment(SQLModel, table=True):
     __tablename__ = "payment"
-    __table_args__ = (UniqueConstraint("account", "external_reference", name="uq_payment_account_reference"),)
+    __table_args__ = (
+        UniqueConstraint("account", "external_reference", name="uq_payment_account_reference"),
+        # A batch's rows by state: the bulk lane's turns and a batch's brake count these on every batch send.
+        Index("ix_payment_batch_state", "batch_id", "state"),
+    )
 
     id: str = Field(default_factory=new_payment_id, primary_key=True, max_length=32)
     account: str = Field(max_length=64, index=True)
@@ -72,6 +85,8 @@ class Payment(SQLModel, table=True):
     attempts: int = 0  # sends that consumed a retry (connection failures); guard waits never do
     next_attempt_at: datetime | None = Field(default=None, index=True)
     guard_token: str | None = Field(default=None, max_length=64)
+    # Not sent by then: EXPIRED instead (a customer who left the checkout must not be prompted). None: no deadline.
+    expires_at: datetime | None = None
 
     provider_reference: str | None = Field(default=None, max_length=64, index=True)
     checkout_request_id: str | None = Field(default=None, max_length=100)
@@ -115,6 +130,11 @@ class Batch(SQLModel, table=True):
     rejects_path: str | None = Field(default=None, max_length=1024)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime | None = None
+    # Paused by its own outcomes (worker/batch_brake.py): its waiting rows are held until an operator resumes it.
+    paused_at: datetime | None = None
+    pause_reason: str | None = Field(default=None, max_length=500)
+    # Outcomes before this are not held against the batch again after a resume.
+    resumed_at: datetime | None = None
 
 
 class ExternalFailure(SQLModel, table=True):

@@ -14,9 +14,9 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from worker import metrics, runtime
-from worker.dispatch import guard_refusal_reason
-from worker.guard import Outcome, RefusalReason
+from worker import batch_brake, bulk_turns, metrics, runtime
+from worker.dispatch import expire, guard_refusal_reason
+from worker.guard import Lane, Outcome, RefusalReason
 from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
 from worker.phones import mask_phone
 from worker.signing import callback_url
@@ -40,6 +40,8 @@ class SendResult(StrEnum):
     RETRY = "retry"
     GAVE_UP = "gave-up"
     UNKNOWN = "unknown"
+    EXPIRED = "expired"  # past its deadline before it could be sent: never sent
+    HELD = "held"  # its batch is paused, or has too many sends unanswered or rejected in a row
 
 
 @dataclass(frozen=True)
@@ -70,23 +72,30 @@ def defer(payment: Payment, seconds: float, reason: str, from_state: PaymentStat
     )
 
 
+def lane_of(payment: Payment) -> Lane:
+    """The guard's lane follows the payment's queue, so it can always be told again from the ledger."""
+    return Lane.BULK if payment.queue == "bulk" else Lane.INTERACTIVE
+
+
 def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     engine = runtime.engine()
     payment = get_payment(engine, payment_id)
     if payment is None:
         log.warning("stk_push for unknown payment %s: nothing to do", payment_id)
         return SendResult.MISSING, None
-    token = f"{payment.id}.{secrets.token_hex(4)}"
-    # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
-    # claimed (or past it) and sends nothing.
-    if not transition(
-        engine,
-        payment.id,
-        [PaymentState.PENDING],
-        PaymentState.SENDING,
-        guard_token=token,
-        next_attempt_at=None,
-    ):
+    # A batch row's message is a turn of the bulk lane: it may send another batch's row (worker.bulk_turns).
+    turns = bulk_turns.candidates(payment) if payment.queue == "bulk" else [payment.id]
+    for candidate_id in turns:
+        candidate = payment if candidate_id == payment.id else get_payment(engine, candidate_id)
+        if candidate is None:
+            continue
+        done, claimed = _claim(candidate)
+        if done is not None:
+            return done, None
+        if claimed is not None:
+            payment, token = candidate, claimed
+            break
+    else:
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 
@@ -96,7 +105,7 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     if pause > 0:
         defer(payment, pause, "sending paused: UpesiPay refused the credentials", PaymentState.SENDING)
         return SendResult.PAUSED, None
-    decision = guard.admit(payment.phone, token)
+    decision = guard.admit(payment.phone, token, lane_of(payment))
     metrics.record_guard_decision(decision)
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
@@ -119,6 +128,31 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     )
     fail_point("after-send")
     return record(payment, token, result)
+
+
+def _claim(payment: Payment) -> tuple[SendResult | None, str | None]:
+    """Claim `payment` for sending: (None, token) when claimed, (result, None) when this delivery is done with
+    it (expired, or held by its batch), (None, None) when another delivery owns it."""
+    if payment.expires_at is not None and payment.expires_at <= utcnow():
+        # The customer has likely left the checkout: a late prompt would only confuse (or be paid twice).
+        return (SendResult.EXPIRED if expire(payment.id) else None), None
+    token = f"{payment.id}.{secrets.token_hex(4)}"
+    # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
+    # claimed (or past it) and sends nothing. A batch row's claim also asks its batch's brake.
+    if payment.batch_id is not None:
+        claimed = batch_brake.claim(payment, token)
+        if claimed in (batch_brake.Claim.HELD, batch_brake.Claim.THROTTLED):
+            return SendResult.HELD, None
+        return None, (token if claimed == batch_brake.Claim.CLAIMED else None)
+    moved = transition(
+        runtime.engine(),
+        payment.id,
+        [PaymentState.PENDING],
+        PaymentState.SENDING,
+        guard_token=token,
+        next_attempt_at=None,
+    )
+    return None, (token if moved else None)
 
 
 def fail_point(name: str) -> None:
@@ -173,6 +207,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             )
             # UpesiPay may count a refused request against the account: so does the guard.
             guard.resolve(token, Outcome.FAILURE)
+            batch_brake.note_outcome(payment.batch_id)
             log.warning("payment %s rejected by UpesiPay: %s", payment.id, result.detail)
             return SendResult.REJECTED, None
         case PushOutcome.CREDENTIALS_REFUSED:

@@ -96,6 +96,23 @@ class Settings(BaseSettings):
     phone_max_inflight: int = Field(default=1, ge=1)
     account_failure_limit: int = Field(default=50, ge=1)
     account_window_s: int = Field(default=6 * 3600, ge=1)
+    # Lanes (docs/guard.md, "Lanes"): batch rows are admitted only while failures + sends in flight stay below
+    # ACCOUNT_FAILURE_LIMIT - INTERACTIVE_RESERVE, so a customer at a checkout always finds this much budget.
+    interactive_reserve: int = Field(default=10, ge=0)
+    # Batch sends in flight at once, at most: each may still fail, so a batch cannot commit the whole bulk lane
+    # to outcomes it has not seen yet.
+    bulk_max_inflight: int = Field(default=20, ge=1)
+    # Deadlines: how long a single payment is worth prompting for when its producer does not say (a customer
+    # leaves the checkout); past it, a payment never sent ends EXPIRED. Batch rows have none unless given.
+    interactive_expires_in_s: int = Field(default=600, ge=1)
+    # A batch pauses itself (worker/batch_brake.py) after this many rejections in a row with the same error; its
+    # rows are also claimed only while its sends in SENDING plus its current rejection run stay below it.
+    batch_pause_rejections: int = Field(default=5, ge=1, le=1000)
+    # ... or when, over its last this-many outcomes, the failure rate reaches BATCH_PAUSE_FAILURE_RATE and is
+    # BATCH_PAUSE_NORM_MARGIN above the rest of the account's rate in the window. 0 turns this trigger off.
+    batch_pause_outcomes: int = Field(default=20, ge=0, le=10_000)
+    batch_pause_failure_rate: float = Field(default=0.6, gt=0, le=1)
+    batch_pause_norm_margin: float = Field(default=0.3, ge=0, le=1)
 
     # Where POST /batches spools uploads and where HTTP batches' rejects files are kept (operators clean it up);
     # empty: <system temp>/stkpush-batches.
@@ -142,6 +159,8 @@ class Settings(BaseSettings):
     def _bounds(self) -> Settings:
         if self.amount_min > self.amount_max:
             raise ValueError("AMOUNT_MIN must not exceed AMOUNT_MAX")
+        if self.interactive_reserve >= self.account_failure_limit:
+            raise ValueError("INTERACTIVE_RESERVE must be below ACCOUNT_FAILURE_LIMIT")
         if self.send_backoff_cap_s * 2 > self.visibility_timeout_s:
             raise ValueError("SEND_BACKOFF_CAP_S must be at most half of VISIBILITY_TIMEOUT_S")
         return self

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from worker import metrics, runtime
+from worker import batch_brake, metrics, runtime
 from worker.dispatch import publish_payment, release_freed
 from worker.guard import Outcome
 from worker.ledger import Payment, PaymentState, get_payment, mark, session_scope, transition, utcnow
@@ -49,6 +49,8 @@ def finish(payment: Payment, state: PaymentState, **fields: Any) -> bool:
             runtime.guard().resolve(payment.guard_token, outcome)
             release_freed(payment.phone)
         log.info("payment %s settled %s", payment.id, state.value)
+        if state != PaymentState.SUCCEEDED:
+            batch_brake.note_outcome(payment.batch_id)
         return True
     if state == PaymentState.SUCCEEDED:
         return take_back_assumed_failure(payment.id, **fields)

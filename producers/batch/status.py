@@ -65,4 +65,8 @@ def batch_status(batch_id: str) -> dict[str, Any] | None:
         "error": batch.error,
         "created_at": batch.created_at.isoformat(),
         "finished_at": batch.finished_at.isoformat() if batch.finished_at else None,
+        "paused": batch.paused_at is not None,
+        "paused_at": batch.paused_at.isoformat() if batch.paused_at else None,
+        "pause_reason": batch.pause_reason,
+        "resumed_at": batch.resumed_at.isoformat() if batch.resumed_at else None,
     }

@@ -1,4 +1,5 @@
-"""The guard's Lua scripts against a plain-Python model of the guard's four rules (docs/guard.md), driven by hypothesis.
+"""The guard's Lua scripts against a plain-Python model of its four rules and the lanes (docs/guard.md), by
+hypothesis.
 
 Both see the same injected clock (integer milliseconds). After every step the real guard and the model must agree
 on the decision (reason and retry_after included), the resolve and revert answers, and every snapshot. Small limits
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason
+from worker.guard import Decision, Guard, GuardLimits, Lane, Outcome, RefusalReason
 from worker.phones import mask_phone
 
 HOUR_MS = 3_600_000
@@ -34,6 +35,8 @@ LIMIT_VARIANTS = [
         restriction_tiers=((4, 3600), (6, 3 * 3600), (8, 10 * 3600)),
         busy_poll_s=5,
         phone_memory_s=5 * 3600,
+        interactive_reserve=2,
+        bulk_max_inflight=2,
     ),
     GuardLimits(
         phone_streak_limit=2,
@@ -50,6 +53,7 @@ LIMIT_VARIANTS = [
         account_failure_limit=8,
         restriction_tiers=((5, 4 * 3600), (6, 24 * 3600), (7, 72 * 3600)),
         phone_max_inflight=3,
+        interactive_reserve=3,
     ),
 ]
 
@@ -81,6 +85,7 @@ class GuardModel:
     limits: GuardLimits
     phones: dict[str, PhoneModel] = field(default_factory=dict)
     held: dict[str, str] = field(default_factory=dict)
+    bulk_held: set[str] = field(default_factory=set)  # of held, the bulk lane's tokens
     failures: list[FailureModel] = field(default_factory=list)
     restricted_until: int = 0
     restriction_reason: str = ""
@@ -98,8 +103,10 @@ class GuardModel:
     def window(self, now: int) -> list[FailureModel]:
         return [f for f in self.failures if f.at > now - ms(self.limits.account_window_s)]
 
-    def admit(self, phone: str, token: str, now: int, budget: int) -> Decision:
-        """`budget` is the admitting guard's account_failure_limit (a second integration may have another)."""
+    def admit(
+        self, phone: str, token: str, now: int, guard: GuardLimits, lane: Lane = Lane.INTERACTIVE
+    ) -> Decision:
+        """`guard` is the admitting guard's limits (a second integration may have another budget)."""
         lim = self.limits
         if token in self.held:
             assert self.held[token] == phone
@@ -118,12 +125,29 @@ class GuardModel:
         ):
             return Decision(False, RefusalReason.PHONE_BUSY, lim.busy_poll_s)
         window = sorted(f.at for f in self.window(now))
-        must_leave = len(window) + len(self.held) - budget + 1
-        if must_leave > 0:
+
+        def over(limit: int, reason: RefusalReason) -> Decision | None:
+            must_leave = len(window) + len(self.held) - limit + 1
+            if must_leave <= 0:
+                return None
             if must_leave <= len(window):
                 leaves_at = window[must_leave - 1] + ms(lim.account_window_s)
-                return Decision(False, RefusalReason.ACCOUNT_BUDGET, (leaves_at - now) / 1000)
-            return Decision(False, RefusalReason.ACCOUNT_BUDGET, lim.busy_poll_s)
+                return Decision(False, reason, (leaves_at - now) / 1000)
+            return Decision(False, reason, lim.busy_poll_s)
+
+        refused = over(guard.account_failure_limit, RefusalReason.ACCOUNT_BUDGET)
+        if refused is not None:
+            return refused
+        if lane is Lane.BULK:
+            cap = guard.bulk_max_inflight
+            if cap is not None and len(self.bulk_held) >= cap:
+                return Decision(False, RefusalReason.BULK_LANE_FULL, lim.busy_poll_s)
+            refused = over(
+                guard.account_failure_limit - guard.interactive_reserve, RefusalReason.BULK_LANE_FULL
+            )
+            if refused is not None:
+                return refused
+            self.bulk_held.add(token)
         self.held[token] = phone
         state.in_flight += 1
         return Decision(True, None, 0.0)
@@ -132,6 +156,7 @@ class GuardModel:
         if token not in self.held:
             return False
         phone = self.held.pop(token)
+        self.bulk_held.discard(token)
         state = self.phone(phone, now)
         state.in_flight = max(state.in_flight - 1, 0)
         if outcome is Outcome.SUCCESS:
@@ -192,6 +217,7 @@ class GuardModel:
 
 
 ADMIT = st.tuples(st.just("admit"), st.sampled_from(PHONES), st.integers(0, 1))
+BULK_ADMIT = st.tuples(st.just("bulk"), st.sampled_from(PHONES), st.integers(0, 1))
 # Failures weigh double: they drive every limit. The pick mostly lands on a held token.
 RESOLVE = st.tuples(
     st.just("resolve"),
@@ -204,7 +230,9 @@ REVERT = st.tuples(st.just("revert"), st.just(""), st.integers(0, 8))
 # A new attempt that reuses a settled token (so one token can own two failures in the window).
 REUSE = st.tuples(st.just("reuse"), st.sampled_from(PHONES), st.integers(0, 3))
 TRAFFIC = st.lists(
-    st.one_of(ADMIT, ADMIT, ADMIT, RESOLVE, RESOLVE, RESOLVE, TICK, REVERT, REUSE), min_size=4, max_size=24
+    st.one_of(ADMIT, ADMIT, BULK_ADMIT, BULK_ADMIT, RESOLVE, RESOLVE, RESOLVE, TICK, REVERT, REUSE),
+    min_size=4,
+    max_size=24,
 )
 
 
@@ -246,10 +274,10 @@ class GuardMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.client.close()
 
-    def admit(self, worker: int, phone: str, token: str) -> None:
+    def admit(self, worker: int, phone: str, token: str, lane: Lane = Lane.INTERACTIVE) -> None:
         guard = self.guards[worker]
-        expected = self.model.admit(phone, token, self.now, guard.limits.account_failure_limit)
-        assert guard.admit(phone, token) == expected
+        expected = self.model.admit(phone, token, self.now, guard.limits, lane)
+        assert guard.admit(phone, token, lane) == expected
 
     def resolve(self, worker: int, token: str, outcome: Outcome) -> None:
         changed = self.guards[worker].resolve(token, outcome)
@@ -266,9 +294,10 @@ class GuardMachine(RuleBasedStateMachine):
     def traffic(self, actions: list[tuple[str, object, int]]) -> None:
         """Admits on fresh tokens, resolves of held (or settled, or unknown) tokens, seconds passing."""
         for kind, what, pick in actions:
-            if kind == "admit":
+            if kind in ("admit", "bulk"):
                 self.tokens += 1
-                self.admit(pick, str(what), f"t{self.tokens}")
+                lane = Lane.BULK if kind == "bulk" else Lane.INTERACTIVE
+                self.admit(pick, str(what), f"t{self.tokens}", lane)
             elif kind == "resolve":
                 held = sorted(self.model.held)
                 if held and pick < 8:
@@ -327,13 +356,19 @@ class GuardMachine(RuleBasedStateMachine):
         window = len(model.window(self.now))
         restricted = model.restricted_until > self.now
         for guard in self.guards:
+            lim = guard.limits
+            bulk_headroom = lim.account_failure_limit - lim.interactive_reserve - window - len(model.held)
+            if lim.bulk_max_inflight is not None:
+                bulk_headroom = min(bulk_headroom, lim.bulk_max_inflight - len(model.bulk_held))
             expected = (
                 window,
                 len(model.held),
                 model.restricted_until / 1000 if restricted else None,
                 model.restriction_reason if restricted else None,
-                max(guard.limits.account_failure_limit - window - len(model.held), 0),
+                max(lim.account_failure_limit - window - len(model.held), 0),
                 sum(1 for until in model.blocks.values() if until > self.now),
+                len(model.bulk_held),
+                max(bulk_headroom, 0),
             )
             got = guard.account_snapshot()
             actual = (
@@ -343,6 +378,8 @@ class GuardMachine(RuleBasedStateMachine):
                 got.restriction_reason,
                 got.headroom,
                 got.blocked_numbers,
+                got.bulk_in_flight,
+                got.bulk_headroom,
             )
             assert actual == expected
         for phone in PHONES:
@@ -366,10 +403,11 @@ class GuardMachine(RuleBasedStateMachine):
             return
         for worker in (0, 1):
             for phone in PHONES:
-                self.admit(worker, phone, "probe")
-                if "probe" in self.model.held:
-                    self.resolve(worker, "probe", Outcome.RELEASED)
-                    self.settled.pop()
+                for lane in Lane:
+                    self.admit(worker, phone, "probe", lane)
+                    if "probe" in self.model.held:
+                        self.resolve(worker, "probe", Outcome.RELEASED)
+                        self.settled.pop()
 
     @invariant()
     def rules_hold(self) -> None:
@@ -384,6 +422,8 @@ class GuardMachine(RuleBasedStateMachine):
         # The larger of the two budgets: the traffic of both guards never takes window + in flight past it.
         budget = self.guards[1].limits.account_failure_limit
         assert len(self.model.window(self.now)) + len(self.model.held) <= budget
+        if lim.bulk_max_inflight is not None:
+            assert len(self.model.bulk_held) <= lim.bulk_max_inflight
 
 
 def test_guard_scripts_agree_with_the_model(redis_url: str) -> None:
@@ -404,8 +444,22 @@ def test_model_refuses_the_eleventh_failure_like_the_provider(limits: GuardLimit
     """The model itself is checked: without it the comparison above could agree on a wrong rule."""
     model = GuardModel(limits)
     for i in range(limits.phone_streak_limit):
-        assert model.admit(PHONES[0], f"t{i}", START_MS, limits.account_failure_limit).admitted
+        assert model.admit(PHONES[0], f"t{i}", START_MS, limits).admitted
         model.resolve(f"t{i}", Outcome.FAILURE, START_MS)
-    refused = model.admit(PHONES[0], "next", START_MS, limits.account_failure_limit)
+    refused = model.admit(PHONES[0], "next", START_MS, limits)
     assert refused.reason is RefusalReason.PHONE_BLOCKED
     assert refused.retry_after == limits.phone_cooldown_s
+
+
+def test_model_keeps_the_interactive_reserve_from_bulk() -> None:
+    """The model's lanes are checked too: bulk stops at the limit minus the reserve, interactive goes on."""
+    limits = LIMIT_VARIANTS[1]  # limit 5, reserve 2, bulk cap 2
+    model = GuardModel(limits)
+    assert model.admit(PHONES[0], "b0", START_MS, limits, Lane.BULK).admitted
+    assert model.admit(PHONES[1], "b1", START_MS, limits, Lane.BULK).admitted
+    assert model.admit(PHONES[2], "b2", START_MS, limits, Lane.BULK).reason is RefusalReason.BULK_LANE_FULL
+    model.resolve("b0", Outcome.FAILURE, START_MS)
+    model.resolve("b1", Outcome.FAILURE, START_MS)
+    assert model.admit(PHONES[2], "i2", START_MS, limits).admitted
+    refused = model.admit(PHONES[1], "b3", START_MS, limits, Lane.BULK)
+    assert refused == Decision(False, RefusalReason.BULK_LANE_FULL, limits.account_window_s)

@@ -252,6 +252,17 @@ def test_a_reject_outcome_refuses_the_push_with_the_documented_400(start_sandbox
     assert sandbox.client.get("/api/v2/transactions").json()["total"] == 0
 
 
+def test_a_channel_that_is_not_the_accounts_is_refused_with_the_documented_400(
+    start_sandbox: StartSandbox,
+) -> None:
+    sandbox = start_sandbox({"channels": [2133]})
+    wrong = sandbox.push(external_reference="INV-CH1", channel_id=9999)
+    assert (wrong.status_code, wrong.json()) == (400, {"error_message": "Invalid request"})
+    assert sandbox.push(external_reference="INV-CH2").status_code == 201
+    stats = sandbox.stats()
+    assert (stats["pushes_total"], stats["requests_refused"]["rejected"]) == (1, 1)
+
+
 def test_stats_have_the_documented_shape(sandbox: RunningSandbox) -> None:
     sandbox.push(external_reference="INV-1")
     stats = sandbox.stats()

@@ -37,6 +37,8 @@ from worker.sandbox.app import SandboxClock, SandboxConfig, Scenario, ScenarioEr
         ({"faults": {"resets": 1}}, "resets"),
         ({"seed": "7"}, "seed"),
         ({"callback_delay_s": -1}, "callback_delay_s"),
+        ({"channels": []}, "channels"),
+        ({"channels": [2133, "2134"]}, "channels"),
         ([], "object"),
     ],
 )

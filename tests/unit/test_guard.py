@@ -21,6 +21,7 @@ from worker.guard import (
     Guard,
     GuardLimits,
     GuardUnavailable,
+    Lane,
     Outcome,
     RefusalReason,
 )
@@ -180,6 +181,81 @@ def test_budget_counts_in_flight_and_only_a_resolve_can_help(make_guard: GuardFa
     assert guard.account_snapshot().headroom == 0
     guard.resolve("t0", Outcome.SUCCESS)
     assert guard.admit(phone(9), "t9").admitted
+
+
+LANES = GuardLimits(
+    phone_streak_limit=3,
+    account_failure_limit=10,
+    account_window_s=HOUR,
+    busy_poll_s=7.0,
+    interactive_reserve=4,
+    bulk_max_inflight=3,
+)
+
+
+def test_bulk_stops_at_its_in_flight_cap_and_interactive_goes_on(make_guard: GuardFactory) -> None:
+    guard = make_guard(LANES)
+    for i in range(3):
+        assert guard.admit(phone(i), f"b{i}", Lane.BULK).admitted
+    assert guard.admit(phone(3), "b3", Lane.BULK) == Decision(False, RefusalReason.BULK_LANE_FULL, 7.0)
+    account = guard.account_snapshot()
+    assert (account.in_flight, account.bulk_in_flight, account.bulk_headroom, account.headroom) == (
+        3,
+        3,
+        0,
+        7,
+    )
+    assert guard.admit(phone(4), "i4", Lane.INTERACTIVE).admitted
+    # A bulk resolve, whatever its outcome, frees one place in the bulk lane; an interactive one does not.
+    assert guard.resolve("i4", Outcome.SUCCESS)
+    assert guard.admit(phone(3), "b3", Lane.BULK) == Decision(False, RefusalReason.BULK_LANE_FULL, 7.0)
+    assert guard.resolve("b0", Outcome.FAILURE)
+    assert guard.account_snapshot().bulk_in_flight == 2
+    assert guard.admit(phone(3), "b3", Lane.BULK).admitted
+
+
+def test_bulk_leaves_the_interactive_reserve_and_interactive_may_use_it_all(
+    make_guard: GuardFactory, clock: Clock
+) -> None:
+    guard = make_guard(LANES)
+    # Six failures in the window: the bulk lane (10 - 4 = 6) is exhausted, exactly until the first slides out.
+    for i in range(6):
+        assert guard.admit(phone(i), f"b{i}", Lane.BULK).admitted
+        assert guard.resolve(f"b{i}", Outcome.FAILURE)
+        clock.advance(60)
+    refused = guard.admit(phone(6), "b6", Lane.BULK)
+    assert refused == Decision(False, RefusalReason.BULK_LANE_FULL, HOUR - 360)
+    account = guard.account_snapshot()
+    assert (account.bulk_headroom, account.headroom) == (0, 4)
+    for i in range(4):
+        assert guard.admit(phone(10 + i), f"i{i}").admitted
+    # Now the whole budget is taken, and a bulk admit names the budget itself.
+    assert guard.admit(phone(20), "i20") == Decision(False, RefusalReason.ACCOUNT_BUDGET, HOUR - 360)
+    assert guard.admit(phone(21), "b21", Lane.BULK).reason == RefusalReason.ACCOUNT_BUDGET
+
+
+def test_interactive_sends_in_flight_count_against_the_bulk_lane(make_guard: GuardFactory) -> None:
+    guard = make_guard(LANES)
+    for i in range(6):
+        assert guard.admit(phone(i), f"i{i}").admitted
+    assert guard.admit(phone(9), "b9", Lane.BULK) == Decision(False, RefusalReason.BULK_LANE_FULL, 7.0)
+    assert guard.resolve("i0", Outcome.RELEASED)
+    assert guard.admit(phone(9), "b9", Lane.BULK).admitted
+
+
+def test_readmit_of_a_bulk_token_keeps_its_lane_and_counts_once(make_guard: GuardFactory) -> None:
+    guard = make_guard(LANES)
+    assert guard.admit(PHONE, "b1", Lane.BULK).admitted
+    assert guard.admit(PHONE, "b1", Lane.BULK).admitted
+    assert guard.admit(PHONE, "b1", Lane.INTERACTIVE).admitted
+    account = guard.account_snapshot()
+    assert (account.in_flight, account.bulk_in_flight) == (1, 1)
+    with pytest.raises(ValueError, match="another number"):
+        guard.admit(OTHER, "b1", Lane.BULK)
+    assert guard.resolve("b1", Outcome.SUCCESS)
+    account = guard.account_snapshot()
+    assert (account.in_flight, account.bulk_in_flight) == (0, 0)
+    assert guard.phone_snapshot(PHONE).in_flight == 0
 
 
 def test_budget_refusal_is_exact_when_the_window_decides(make_guard: GuardFactory, clock: Clock) -> None:
@@ -537,6 +613,9 @@ def test_snapshot_masks_the_number(make_guard: GuardFactory) -> None:
         ("restriction_tiers", ((0, 10),)),
         ("restriction_tiers", ((50, 0),)),
         ("restriction_tiers", [(50, 10)]),
+        ("interactive_reserve", -1),
+        ("interactive_reserve", 50),  # the bulk lane would have nothing
+        ("bulk_max_inflight", 0),
     ],
 )
 def test_limits_reject_bad_values_naming_the_field(field: str, value: object) -> None:
@@ -557,6 +636,7 @@ def test_limits_from_settings() -> None:
     limits = GuardLimits.from_settings(settings)
     assert (limits.phone_streak_limit, limits.account_window_s, limits.account_failure_limit) == (4, 600, 50)
     assert limits.holds_at_limit  # the default: a number at its limit is held, not rested
+    assert (limits.interactive_reserve, limits.bulk_max_inflight, limits.bulk_budget) == (10, 20, 40)
 
 
 @pytest.mark.parametrize("bad", ["0712 345678", "+254712345678", "2547|1234567", "abc", "1" * 30])

@@ -29,6 +29,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.tasks",
             "worker.sending",
             "worker.dispatch",
+            "worker.batch_brake",
+            "worker.bulk_turns",
             "worker.settlement",
             "worker.other_channels",
             "worker.metrics",

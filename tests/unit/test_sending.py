@@ -5,15 +5,27 @@ with UpesiPay's answers injected through httpx's transport seam. No broker: the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from sqlmodel import col
 
 from worker import runtime
+from worker.dispatch import EXPIRED_REASON, _bulk_turns, expire_overdue
 from worker.guard import Outcome
-from worker.ledger import Payment, PaymentState, create_schema, get_payment, session_scope
+from worker.ledger import (
+    Payment,
+    PaymentState,
+    create_schema,
+    get_payment,
+    mark,
+    session_scope,
+    transition,
+    utcnow,
+)
 from worker.sending import SendResult, send_payment
 from worker.settlement import ASSUMED_FAILURE, settle_from_status
 from worker.upesipay import StatusResult, TransactionStatus, UpesiPayClient
@@ -248,3 +260,75 @@ def test_unknown_with_no_trace_at_upesipay_is_sent_again(
 
 def test_guard_outcome_names_match_the_design() -> None:
     assert {o.value for o in Outcome} == {"success", "failure", "released"}
+
+
+def test_a_payment_past_its_deadline_expires_and_is_never_sent(provider: Provider) -> None:
+    late = new_payment("LATE")
+    mark(runtime.engine(), late.id, expires_at=utcnow() - timedelta(seconds=1))
+    assert send_payment(late.id)[0] == SendResult.EXPIRED
+    stored = reload(late)
+    assert stored.state == PaymentState.EXPIRED and stored.reason == EXPIRED_REASON
+    assert stored.settled_at is not None
+    assert provider.pushes == []
+    # A redelivered message finds nothing to do.
+    assert send_payment(late.id)[0] == SendResult.NOT_CLAIMABLE
+    assert provider.pushes == []
+
+
+def test_a_payment_within_its_deadline_is_sent(provider: Provider) -> None:
+    timely = new_payment("TIMELY")
+    mark(runtime.engine(), timely.id, expires_at=utcnow() + timedelta(seconds=60))
+    assert send_payment(timely.id)[0] == SendResult.ACCEPTED
+    assert len(provider.pushes) == 1
+
+
+def test_the_dispatcher_expires_waiting_payments_past_their_deadline_only(provider: Provider) -> None:
+    engine = runtime.engine()
+    overdue, open_ended, future = new_payment("O"), new_payment("N"), new_payment("F")
+    for payment in (overdue, open_ended, future):
+        transition(
+            engine, payment.id, [PaymentState.PENDING], PaymentState.DEFERRED, reason="guard: account_budget"
+        )
+    mark(engine, overdue.id, expires_at=utcnow() - timedelta(seconds=1))
+    mark(engine, future.id, expires_at=utcnow() + timedelta(hours=1))
+    assert expire_overdue() == 1
+    assert reload(overdue).state == PaymentState.EXPIRED
+    assert reload(open_ended).state == PaymentState.DEFERRED
+    assert reload(future).state == PaymentState.DEFERRED
+
+
+def test_batch_rows_are_admitted_in_the_bulk_lane(provider: Provider) -> None:
+    row = new_payment("ROW")
+    mark(runtime.engine(), row.id, queue="bulk", batch_id="b1")
+    single = new_payment("ONE", phone="254712345670")
+    assert send_payment(row.id)[0] == SendResult.ACCEPTED
+    assert send_payment(single.id)[0] == SendResult.ACCEPTED
+    account = runtime.guard().account_snapshot()
+    assert (account.in_flight, account.bulk_in_flight) == (2, 1)
+
+
+def test_the_bulk_lane_is_shared_by_batch_fewest_in_flight_first(provider: Provider) -> None:
+    engine = runtime.engine()
+    big = [new_payment(f"BIG{i}", phone=f"2547120000{i:02d}") for i in range(8)]
+    small = [new_payment(f"SMALL{i}", phone=f"2547130000{i:02d}") for i in range(3)]
+    for i, payment in enumerate(big):
+        mark(engine, payment.id, queue="bulk", batch_id="big")
+        # Two of the big batch's rows are in flight already; the rest wait.
+        to = PaymentState.AWAITING_CALLBACK if i < 2 else PaymentState.DEFERRED
+        transition(engine, payment.id, [PaymentState.PENDING], to, next_attempt_at=utcnow())
+    for payment in small:
+        mark(engine, payment.id, queue="bulk", batch_id="small")
+        transition(
+            engine, payment.id, [PaymentState.PENDING], PaymentState.DEFERRED, next_attempt_at=utcnow()
+        )
+    waiting = col(Payment.state) == PaymentState.DEFERRED
+    turns = _bulk_turns(waiting, 4)
+    by_batch = {payment.id: batch for batch, rows in (("big", big), ("small", small)) for payment in rows}
+    # The small batch has nothing in flight: it gets turns until it has as many as the big one, then they share.
+    assert sorted(by_batch[i] for i in turns) == ["big", "small", "small", "small"]
+    assert _bulk_turns(waiting, 0) == []
+    # Bulk rows enqueued without a batch take their turns too.
+    loose = new_payment("LOOSE", phone="254714000001")
+    mark(engine, loose.id, queue="bulk")
+    transition(engine, loose.id, [PaymentState.PENDING], PaymentState.DEFERRED, next_attempt_at=utcnow())
+    assert loose.id in _bulk_turns(waiting, 20)

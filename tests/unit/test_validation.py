@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 
-from producers.validation import PaymentValidationError, validate_payment
+from producers.validation import (
+    EXPIRES_IN_MAX_S,
+    PaymentValidationError,
+    expires_in_error,
+    validate_payment,
+)
 
 
 def check(**raw: Any) -> Any:
@@ -131,3 +136,15 @@ def test_reference_may_not_hold_slashes_or_spaces() -> None:
 def test_empty_optional_fields_mean_absent() -> None:
     request = check(amount=10, phone_number="0712345678", external_reference="  ", customer_name="")
     assert request.external_reference is None and request.customer_name is None
+
+
+@pytest.mark.parametrize("bad", [0, -5, True, 1.5, "600", EXPIRES_IN_MAX_S + 1])
+def test_expires_in_must_be_whole_seconds_within_a_week(bad: object) -> None:
+    error = expires_in_error(bad)
+    assert error is not None and error.field == "expires_in"
+    assert "seconds" in error.rule
+
+
+@pytest.mark.parametrize("good", [None, 1, 600, EXPIRES_IN_MAX_S])
+def test_expires_in_accepts_absent_or_whole_seconds(good: int | None) -> None:
+    assert expires_in_error(good) is None

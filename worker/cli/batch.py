@@ -172,6 +172,9 @@ def batch_status_command(batch_id: str, as_json: bool) -> None:
         click.echo(json.dumps(status))
         return
     click.echo(f"batch {status['batch_id']}: {status['state']} ({status['source_name']})")
+    if status["paused"]:
+        click.echo(f"  PAUSED since {status['paused_at']}: {status['pause_reason']}")
+        click.echo(f"  its waiting rows are held; resume with: stkpush batch-resume {status['batch_id']}")
     if status["error"]:
         click.echo(f"  error: {status['error']}")
     click.echo(
@@ -192,3 +195,20 @@ def batch_status_command(batch_id: str, as_json: bool) -> None:
             click.echo(f"    {count:>8}  {reason}")
     if status["rejects_path"]:
         click.echo(f"  rejects file: {status['rejects_path']}")
+
+
+@click.command("batch-resume")
+@click.argument("batch_id")
+def batch_resume_command(batch_id: str) -> None:
+    """Resume a batch that paused itself: its held rows are released within the bulk lane's headroom."""
+    from producers.batch import batch_status
+    from worker import batch_brake
+
+    if batch_status(batch_id) is None:
+        click.echo("error: no batch with that id", err=True)
+        sys.exit(1)
+    released = batch_brake.resume(batch_id)
+    if released is None:
+        click.echo("error: the batch is not paused", err=True)
+        sys.exit(3)
+    click.echo(f"batch {batch_id} resumed: {released} held payments released")

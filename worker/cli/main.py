@@ -52,18 +52,27 @@ def web(host: str, port: int) -> None:
 @click.option("--reference", "external_reference", default=None, help="Your unique reference (e.g. INV-009).")
 @click.option("--name", "customer_name", default=None)
 @click.option("--channel-id", type=int, default=None)
+@click.option(
+    "--expires-in",
+    type=int,
+    default=None,
+    help="Seconds the prompt is worth sending for (default INTERACTIVE_EXPIRES_IN_S); then EXPIRED.",
+)
 def enqueue(
     amount: int,
     phone_number: str,
     external_reference: str | None,
     customer_name: str | None,
     channel_id: int | None,
+    expires_in: int | None,
 ) -> None:
     """Record one payment and queue its STK push (idempotent per reference)."""
     from producers import PaymentConflictError, PaymentValidationError, enqueue_payment
 
     try:
-        handle = enqueue_payment(amount, phone_number, external_reference, customer_name, channel_id)
+        handle = enqueue_payment(
+            amount, phone_number, external_reference, customer_name, channel_id, expires_in=expires_in
+        )
     except PaymentValidationError as error:
         fail(str(error))
         return
@@ -224,10 +233,11 @@ _register_sandbox()
 
 
 def _register_batch() -> None:
-    from worker.cli.batch import batch_command, batch_status_command
+    from worker.cli.batch import batch_command, batch_resume_command, batch_status_command
 
     main.add_command(batch_command, name="batch")
     main.add_command(batch_status_command, name="batch-status")
+    main.add_command(batch_resume_command, name="batch-resume")
 
 
 _register_batch()

@@ -1,17 +1,20 @@
--- admit(phone, token): decide and, when admitted, reserve, in one atomic step.
--- ARGV: 2 phone, 3 token (ARGV[1] and KEYS: see lib.lua)
+-- admit(phone, token, lane): decide and, when admitted, reserve, in one atomic step.
+-- ARGV: 2 phone, 3 token, 4 lane: '' interactive (the whole budget), else the bulk lane's limits packed '>dd'
+-- (the budget minus the interactive reserve, the bulk in-flight cap) (ARGV[1] and KEYS: see lib.lua)
 -- Returns one integer (a small reply on the hot path): 0 admitted; -1 the token already holds a reservation for
 -- another number; otherwise (retry_ms + 1) * 8 + reason, reason 1 phone blocked, 2 phone busy, 3 account budget,
--- 4 account restricted, and retry_ms -1 when only a resolve can help.
+-- 4 account restricted, 5 bulk lane full, and retry_ms -1 when only a resolve can help.
+-- A bulk reservation is stored as 'b' .. phone, so resolve knows which lane's count to lower.
 local state, window_key = KEYS[1], KEYS[2]
-local phone, reservation = ARGV[2], 't:' .. ARGV[3]
+local phone, reservation, lane = ARGV[2], 't:' .. ARGV[3], ARGV[4]
 
--- One read: the token's reservation, the number's state, in flight, restriction, latest block end, TTL due.
-local got = redis.call('HMGET', state, reservation, phone, 'n', 'ru', 'bz', 'x')
+-- One read: the token's reservation, the number's state, in flight, restriction, latest block end, TTL due,
+-- bulk in flight.
+local got = redis.call('HMGET', state, reservation, phone, 'n', 'ru', 'bz', 'x', 'nb')
 
--- A redelivered task admits again with the same token: it already holds the reservation.
+-- A redelivered task admits again with the same token: it already holds the reservation (in its first lane).
 if got[1] then
-  if got[1] == phone then
+  if got[1] == phone or got[1] == 'b' .. phone then
     return 0
   end
   return -1
@@ -45,18 +48,42 @@ end
 local window_start = string.format('%d', now - window)
 local failures = redis.call('ZCOUNT', window_key, '(' .. window_start, '+inf')
 local in_flight = tonumber(got[3] or '0')
-local excess = failures + in_flight - budget + 1
-if excess > 0 then
+-- Refuse with `code` when failures and sends in flight leave no room under `limit`.
+local function over(limit, code)
+  local excess = failures + in_flight - limit + 1
+  if excess <= 0 then
+    return nil
+  end
   if excess <= failures then
     -- Exact: once the excess-th oldest failure slides out, the budget has room (if nothing else changes).
     redis.call('ZREMRANGEBYSCORE', window_key, '-inf', window_start)
     local entry = redis.call('ZRANGE', window_key, excess - 1, excess - 1, 'WITHSCORES')
-    return (tonumber(entry[2]) + window - now + 1) * 8 + 3
+    return (tonumber(entry[2]) + window - now + 1) * 8 + code
   end
-  return 3
+  return code
 end
 
-redis.call('HSET', state, reservation, phone, phone, phone_value(s, n + 1, lf, fs), 'n', in_flight + 1)
+local refused = over(budget, 3)
+if refused then
+  return refused
+end
+
+if lane == '' then
+  redis.call('HSET', state, reservation, phone, phone, phone_value(s, n + 1, lf, fs), 'n', in_flight + 1)
+else
+  local bulk_budget, bulk_max = struct.unpack('>dd', lane)
+  local bulk_in_flight = tonumber(got[7] or '0')
+  -- Only a resolve lowers the bulk lane's own count.
+  if bulk_in_flight >= bulk_max then
+    return 5
+  end
+  refused = over(bulk_budget, 5)
+  if refused then
+    return refused
+  end
+  redis.call('HSET', state, reservation, 'b' .. phone, phone, phone_value(s, n + 1, lf, fs), 'n', in_flight + 1,
+    'nb', bulk_in_flight + 1)
+end
 if now >= tonumber(got[6] or '0') then
   redis.call('HSET', state, 'x', top_up_state(state, now, idle, restricted_until, blocks_until))
 end

@@ -3,10 +3,15 @@
 It keeps four rules true: a number never reaches more than `phone_streak_limit` successive failures, at most
 `phone_max_inflight` prompts are in flight per number, failures in the sliding window never exceed
 `account_failure_limit`, and a restricted account sends nothing. Sends in flight count as possible failures.
+Every admit names its lane: bulk sends stop `interactive_reserve` short of the budget and at their own in-flight
+cap, so a customer at a checkout is never refused because a batch used the budget up.
 
 Every decision is one Lua script (worker/guard/*.lua) run atomically by Redis in one round trip, so workers on any
 number of machines see one consistent state; the clock is Redis TIME unless a clock is injected. docs/guard.md
 has the key layout, the scripts and the exact semantics.
+
+Over 400 lines because the limits' validation, the packed script arguments and the snapshots all belong to the
+one contract with the Lua scripts; split, a reader would have to hold three files to check one rule.
 """
 
 from __future__ import annotations
@@ -66,12 +71,22 @@ class Outcome(StrEnum):
     RELEASED = "released"  # nothing was sent
 
 
+class Lane(StrEnum):
+    """Who is waiting for a send: a customer at a checkout may use the whole budget, a batch row only the bulk lane."""
+
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
 class RefusalReason(StrEnum):
     PHONE_BLOCKED = "phone_blocked"  # provider block, or resting at the streak limit: retry_after is exact
     PHONE_BUSY = "phone_busy"  # in-flight sends hold the number: retry_after is a poll hint
     ACCOUNT_BUDGET = "account_budget"  # window + in flight reach the limit
     ACCOUNT_RESTRICTED = "account_restricted"  # retry_after is exact
     GUARD_UNAVAILABLE = "guard_unavailable"  # Redis could not answer: fail closed
+    BULK_LANE_FULL = (
+        "bulk_lane_full"  # bulk only: the interactive reserve or the bulk in-flight cap is reached
+    )
 
 
 _REASON_BY_CODE = {
@@ -79,6 +94,7 @@ _REASON_BY_CODE = {
     2: RefusalReason.PHONE_BUSY,
     3: RefusalReason.ACCOUNT_BUDGET,
     4: RefusalReason.ACCOUNT_RESTRICTED,
+    5: RefusalReason.BULK_LANE_FULL,
 }
 
 
@@ -114,8 +130,12 @@ class AccountSnapshot:
     in_flight: int
     restricted_until: float | None  # epoch seconds (guard clock)
     restriction_reason: str | None
-    headroom: int  # admits the budget allows now: limit - failures - in flight, floor 0
+    headroom: int  # interactive admits the budget allows now: limit - failures - in flight, floor 0
     blocked_numbers: int  # numbers under a provider block (block_phone) that has not ended
+    bulk_in_flight: int = 0  # of in_flight, the bulk lane's
+    bulk_headroom: int = (
+        0  # bulk admits allowed now: within limit - reserve and the bulk in-flight cap, floor 0
+    )
 
 
 def _ms(seconds: float) -> int:
@@ -150,6 +170,11 @@ class GuardLimits:
     restriction_tiers: tuple[tuple[int, float], ...] = DEFAULT_RESTRICTION_TIERS
     busy_poll_s: float = 30.0  # retry hint when only in-flight sends hold a refusal
     phone_memory_s: float = DEFAULT_PHONE_MEMORY_S
+    # Lanes: bulk admits stop while failures + in flight reach account_failure_limit - interactive_reserve, or
+    # bulk sends in flight reach bulk_max_inflight (None: no cap of its own). The defaults here keep one lane
+    # (the guard alone); the settings give the deployed defaults (10 and 20).
+    interactive_reserve: int = 0
+    bulk_max_inflight: int | None = None
 
     def __post_init__(self) -> None:
         # Both are stored in 16 bits per number (lib.lua).
@@ -158,6 +183,15 @@ class GuardLimits:
         _positive_int("account_failure_limit", self.account_failure_limit)
         for name in ("phone_cooldown_s", "account_window_s", "busy_poll_s", "phone_memory_s"):
             _duration(name, getattr(self, name))
+        reserve = self.interactive_reserve
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ValueError("interactive_reserve must be an integer >= 0")
+        if reserve >= self.account_failure_limit:
+            raise ValueError(
+                "interactive_reserve must be below account_failure_limit (the bulk lane needs room)"
+            )
+        if self.bulk_max_inflight is not None:
+            _positive_int("bulk_max_inflight", self.bulk_max_inflight)
         if self.phone_memory_s < self.phone_cooldown_s and not self.holds_at_limit:
             raise ValueError("phone_memory_s must be at least phone_cooldown_s")
         if not isinstance(self.restriction_tiers, tuple):
@@ -188,7 +222,14 @@ class GuardLimits:
             account_failure_limit=settings.account_failure_limit,
             account_window_s=settings.account_window_s,
             phone_memory_s=max(DEFAULT_PHONE_MEMORY_S, settings.phone_cooldown_s if rests else 0),
+            interactive_reserve=settings.interactive_reserve,
+            bulk_max_inflight=settings.bulk_max_inflight,
         )
+
+    @property
+    def bulk_budget(self) -> int:
+        """Failures + in flight below which the bulk lane admits."""
+        return self.account_failure_limit - self.interactive_reserve
 
 
 @cache
@@ -247,8 +288,8 @@ class Guard:
 
     # -- the two hot paths -------------------------------------------------------------------------------------
 
-    def admit(self, phone: str, token: str) -> Decision:
-        """Decide whether a push to `phone` may be sent now and, if so, reserve it under `token`.
+    def admit(self, phone: str, token: str, lane: Lane = Lane.INTERACTIVE) -> Decision:
+        """Decide whether a push to `phone` may be sent now in `lane` and, if so, reserve it under `token`.
 
         `token` names one send attempt (a fresh one per attempt): admitting it again while it is held returns
         admitted without counting twice. Never raises for Redis trouble: the guard fails closed.
@@ -256,7 +297,7 @@ class Guard:
         _check_phone(phone)
         _check_token(token)
         try:
-            answer = self._evalsha(self._admit_script, self._keys, self._admit_args(phone, token))
+            answer = self._evalsha(self._admit_script, self._keys, self._admit_args(phone, token, Lane(lane)))
         except (redis.RedisError, OSError) as error:
             log.warning(
                 "guard for account %s unavailable (%s): refusing to send", self.account, type(error).__name__
@@ -332,7 +373,11 @@ class Guard:
 
     def account_snapshot(self) -> AccountSnapshot:
         answer = self._call(self._snapshot_script, self._keys, (self._head(), ""))
-        failures, in_flight, restricted_ms, reason, blocked = answer
+        failures, in_flight, restricted_ms, reason, blocked, bulk_in_flight = answer
+        lim = self.limits
+        bulk_headroom = lim.bulk_budget - int(failures) - int(in_flight)
+        if lim.bulk_max_inflight is not None:
+            bulk_headroom = min(bulk_headroom, lim.bulk_max_inflight - int(bulk_in_flight))
         return AccountSnapshot(
             account=self.account,
             failures_in_window=int(failures),
@@ -341,6 +386,8 @@ class Guard:
             restriction_reason=_text(reason) if restricted_ms else None,
             headroom=max(self.limits.account_failure_limit - int(failures) - int(in_flight), 0),
             blocked_numbers=int(blocked),
+            bulk_in_flight=int(bulk_in_flight),
+            bulk_headroom=max(bulk_headroom, 0),
         )
 
     # -- plumbing (the argument builders are also used by bench/guard.py to pipeline) --------------------------
@@ -375,9 +422,12 @@ class Guard:
         # Packed once, read with struct.unpack by every script (lib.lua): one argument instead of eleven.
         self._rules = struct.pack(">9d", *rules) + tiers.encode()
         self._time_and_rules = struct.pack(">d", -1) + self._rules
+        # The bulk lane's own limits ride in admit's ARGV[4] (admit.lua); 2**53: no cap, exactly representable.
+        bulk_cap = lim.bulk_max_inflight if lim.bulk_max_inflight is not None else 2**53
+        self._lanes = {Lane.INTERACTIVE: b"", Lane.BULK: struct.pack(">dd", lim.bulk_budget, bulk_cap)}
 
-    def _admit_args(self, phone: str, token: str) -> tuple[str | bytes, ...]:
-        return (self._head(), phone, token)
+    def _admit_args(self, phone: str, token: str, lane: Lane = Lane.INTERACTIVE) -> tuple[str | bytes, ...]:
+        return (self._head(), phone, token, self._lanes[lane])
 
     def _resolve_args(self, token: str, outcome: Outcome) -> tuple[str | bytes, ...]:
         return (self._head(), token, outcome.value)

@@ -9,8 +9,9 @@
 --
 -- The state hash holds, as fields:
 --   <phone digits>  the number's state, packed '>HHdI4': streak, in flight, last failure ms, run_seq
---   t:<token>       the phone of a reservation in flight
+--   t:<token>       the phone of a reservation in flight ('b' .. phone for one in the bulk lane)
 --   n               reservations in flight (present from the first admit on)
+--   nb              of those, the bulk lane's (present from the first bulk admit on)
 --   q               the account's failure sequence number
 --   ru, rr          restricted until (ms) and why
 --   bl              the provider's blocks on numbers: ';<phone>:<until ms>' each (rare, so a short string)

@@ -8,11 +8,28 @@ local phone = redis.call('HGET', state, reservation)
 if not phone then
   return 0
 end
+-- A bulk reservation ('b' .. phone, admit.lua) also holds one of the bulk lane's sends in flight.
+local bulk = string.byte(phone, 1) == 98
+if bulk then
+  phone = string.sub(phone, 2)
+end
+
+-- The bulk lane's count after this settlement, as fields to write (none for an interactive reservation).
+local function bulk_fields(held)
+  if not bulk then
+    return {}
+  end
+  local nb = tonumber(held or '1') - 1
+  if nb < 0 then
+    nb = 0
+  end
+  return {'nb', nb}
+end
 
 if outcome ~= 'failure' then
   -- Success resets the streak; a release leaves it as stored (the time rules apply whenever it is read), so
   -- neither needs the clock. The state hash's TTL is topped up by admits, which run at least as often.
-  local got = redis.call('HMGET', state, phone, 'n')
+  local got = redis.call('HMGET', state, phone, 'n', 'nb')
   local value, n = got[1], 0
   if value then
     local s, held, lf, fs = struct.unpack('>HHdI4', value)
@@ -30,16 +47,16 @@ if outcome ~= 'failure' then
   end
   if value then
     redis.call('HDEL', state, reservation)
-    redis.call('HSET', state, phone, value, 'n', in_flight)
+    redis.call('HSET', state, phone, value, 'n', in_flight, unpack(bulk_fields(got[3])))
   else
     redis.call('HDEL', state, reservation, phone)
-    redis.call('HSET', state, 'n', in_flight)
+    redis.call('HSET', state, 'n', in_flight, unpack(bulk_fields(got[3])))
   end
   return 1
 end
 
 local now, streak_limit, cooldown, memory, _, _, window, idle, gc_min, gc_sample, tiers = read_args(ARGV[1])
-local got = redis.call('HMGET', state, phone, 'n', 'q', 'x', 'xw')
+local got = redis.call('HMGET', state, phone, 'n', 'q', 'x', 'xw', 'nb')
 local s, n, lf, fs = phone_state(got[1], now, streak_limit, cooldown, memory)
 if n > 0 then
   n = n - 1
@@ -58,6 +75,10 @@ lf = now
 -- Fields to write besides the number's own. The state hash exists (it holds the reservation), so its TTL can
 -- be topped up before the writes.
 local extra = {'n', in_flight, 'q', seq}
+if bulk then
+  local nb = bulk_fields(got[6])
+  extra[#extra + 1], extra[#extra + 2] = nb[1], nb[2]
+end
 if now >= tonumber(got[4] or '0') then
   local ends = redis.call('HMGET', state, 'ru', 'bz')
   local due = top_up_state(state, now, idle, tonumber(ends[1] or '0'), tonumber(ends[2] or '0'))

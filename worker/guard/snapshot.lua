@@ -1,7 +1,8 @@
 -- Read-only views for operators and the release loop; one round trip, one clock reading, no writes.
 -- ARGV: 2 phone, or '' for the account view (ARGV[1] and KEYS: see lib.lua)
 -- Phone view: {streak, in_flight, blocked_until ms or 0}.
--- Account view: {failures_in_window, in_flight, restricted_until ms or 0, reason or '', blocked numbers}.
+-- Account view: {failures_in_window, in_flight, restricted_until ms or 0, reason or '', blocked numbers,
+-- bulk in flight}.
 local state, window_key = KEYS[1], KEYS[2]
 local now, streak_limit, cooldown, memory, _, _, window = read_args(ARGV[1])
 local phone = ARGV[2]
@@ -20,7 +21,7 @@ if phone ~= '' then
 end
 
 local failures = redis.call('ZCOUNT', window_key, '(' .. string.format('%d', now - window), '+inf')
-local got = redis.call('HMGET', state, 'n', 'ru', 'rr', 'bl')
+local got = redis.call('HMGET', state, 'n', 'ru', 'rr', 'bl', 'nb')
 local restricted_until = tonumber(got[2] or '0')
 local reason = got[3] or ''
 if restricted_until <= now then
@@ -32,4 +33,4 @@ for _, entry_until in string.gmatch(got[4] or '', ';(%d+):(%d+)') do
     blocked = blocked + 1
   end
 end
-return {failures, tonumber(got[1] or '0'), restricted_until, reason, blocked}
+return {failures, tonumber(got[1] or '0'), restricted_until, reason, blocked, tonumber(got[5] or '0')}

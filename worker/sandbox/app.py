@@ -102,6 +102,11 @@ class _Api:
         refusal = provider.refusal(account, push.phone)
         if refusal is not None:
             return self._abuse_refusal(*refusal)
+        channels = provider.scenario.channels
+        if channels is not None and push.channel_id not in channels:
+            # Not the account's channel: UpesiPay refuses the request itself (its one documented error body).
+            provider.refused["rejected"] += 1
+            return json_response(400, {"error_message": "Invalid request"})
         plan = provider.plan_for(push.phone)
         if plan.outcome == REJECT:
             provider.refused["rejected"] += 1

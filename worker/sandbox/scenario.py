@@ -186,6 +186,8 @@ class Scenario:
     abuse_answer: str = "retry_after_and_until"
     # A push appears in the transactions list only this long after it was recorded (0: at once).
     list_lag_s: float = 0.0
+    # The account's channel ids: a push naming another is answered 400 (None: every channel is the account's).
+    channels: frozenset[int] | None = None
     source: Mapping[str, Any] = field(default_factory=dict)  # the JSON as given, for GET /sandbox/scenario
 
     def rule_for(self, phone: str) -> OutcomeRule:
@@ -221,8 +223,20 @@ class Scenario:
             late_delay_s=_optional_seconds(data, "late_delay_s"),
             abuse_answer=_abuse_answer(data.get("abuse_answer", "retry_after_and_until")),
             list_lag_s=_optional_seconds(data, "list_lag_s") or 0.0,
+            channels=_channels(data.get("channels")),
             source=data,
         )
+
+
+def _channels(value: Any) -> frozenset[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ScenarioError("channels must be a non-empty list of channel ids")
+    for channel in value:
+        if isinstance(channel, bool) or not isinstance(channel, int) or channel < 1:
+            raise ScenarioError("channels: every channel id must be a positive integer")
+    return frozenset(value)
 
 
 def load_scenario(text: str) -> Scenario:
@@ -250,6 +264,7 @@ _SCENARIO_KEYS = {
     "faults",
     "abuse_answer",
     "list_lag_s",
+    "channels",
 }
 ABUSE_ANSWERS = ("retry_after_and_until", "retry_after", "until", "bare")
 _RULE_KEYS = {"outcome", "outcomes", "sequence", "duplicate", "late", "drop"}

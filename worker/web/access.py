@@ -27,6 +27,7 @@ def payment_view(payment: Payment) -> dict[str, Any]:
         "created_at": payment.created_at.isoformat(),
         "updated_at": payment.updated_at.isoformat(),
         "settled_at": payment.settled_at.isoformat() if payment.settled_at else None,
+        "expires_at": payment.expires_at.isoformat() if payment.expires_at else None,
     }
 
 

@@ -57,6 +57,9 @@ def _guard_view(guard: Guard) -> dict[str, Any]:
         "failures_in_window": account.failures_in_window,
         "in_flight": account.in_flight,
         "headroom": account.headroom,
+        "bulk_in_flight": account.bulk_in_flight,
+        "bulk_headroom": account.bulk_headroom,
+        "interactive_reserve": guard.limits.interactive_reserve,
         "budget_used_pct": round(100 * (account.failures_in_window + account.in_flight) / limit, 1),
         "restricted_until": _iso(account.restricted_until) if restricted else None,
         "restriction_reason": account.restriction_reason if restricted else None,
@@ -143,6 +146,8 @@ def _running_batches(engine: Engine, account: str) -> list[dict[str, Any]]:
                 "progress_pct": round(100 * done / payments, 1) if payments else 0.0,
                 "by_state": states,
                 "created_at": batch.created_at.isoformat(timespec="seconds"),
+                "paused": batch.paused_at is not None,
+                "pause_reason": batch.pause_reason,
             }
         )
     return views
@@ -239,6 +244,9 @@ PAGE = """<!doctype html>
     <table>
       <tr><td>in flight (possible failures)</td><td class="n" id="in-flight"></td></tr>
       <tr><td>headroom (sends allowed now)</td><td class="n" id="headroom"></td></tr>
+      <tr><td>batch sends in flight</td><td class="n" id="bulk-in-flight"></td></tr>
+      <tr><td>batch headroom (after the <span id="reserve"></span> kept for single payments)</td>
+        <td class="n" id="bulk-headroom"></td></tr>
       <tr><td>window</td><td class="n" id="window"></td></tr>
       <tr><td>numbers under an UpesiPay block</td><td class="n" id="blocked-count"></td></tr>
       <tr><td>of the failures, from other channels</td><td class="n" id="other-channels"></td></tr>
@@ -290,13 +298,17 @@ function render(d) {
     set("limit", g.failure_limit);
     set("in-flight", g.in_flight);
     set("headroom", g.headroom);
+    set("bulk-in-flight", g.bulk_in_flight);
+    set("bulk-headroom", g.bulk_headroom);
+    set("reserve", g.interactive_reserve);
     set("window", duration(g.window_s));
     set("blocked-count", g.blocked_numbers);
     const meter = document.getElementById("meter");
     meter.firstElementChild.style.width = Math.min(g.budget_used_pct, 100) + "%";
     meter.className = "meter" + (g.budget_used_pct >= 90 ? " bad" : g.budget_used_pct >= 60 ? " warn" : "");
   } else {
-    ["failures", "in-flight", "headroom", "blocked-count"].forEach((id) => set(id, "?"));
+    ["failures", "in-flight", "headroom", "bulk-in-flight", "bulk-headroom", "blocked-count"]
+      .forEach((id) => set(id, "?"));
     set("limit", "? (guard unavailable: " + g.error + ")");
   }
   const restrictions = [];
@@ -331,7 +343,8 @@ function render(d) {
 
   fill("batch-list", d.batches.map((b) => {
     const tr = row([[b.source_name], [b.done + " / " + b.payments + " settled", "n"],
-                    [b.progress_pct + "%", "n"], [b.succeeded + " succeeded", "n muted"]]);
+                    [b.progress_pct + "%", "n"], [b.succeeded + " succeeded", "n muted"],
+                    [b.paused ? "PAUSED: " + b.pause_reason : "", b.paused ? "alert" : "none"]]);
     tr.dataset.batch = b.id;
     return tr;
   }), "no running batches");

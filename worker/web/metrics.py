@@ -105,6 +105,16 @@ class StkpushCollector(Collector):
         yield _gauge("stkpush_guard_in_flight", "Sends whose outcome is not known yet.", snapshot.in_flight)
         yield _gauge("stkpush_guard_headroom", "Sends the failure budget allows now.", snapshot.headroom)
         yield _gauge(
+            "stkpush_guard_bulk_in_flight",
+            "Batch sends whose outcome is not known yet.",
+            snapshot.bulk_in_flight,
+        )
+        yield _gauge(
+            "stkpush_guard_bulk_headroom",
+            "Batch sends the bulk lane allows now (after the interactive reserve and the bulk cap).",
+            snapshot.bulk_headroom,
+        )
+        yield _gauge(
             "stkpush_guard_restricted", "1 while the account is restricted.", 1 if restricted_s > 0 else 0
         )
         yield _gauge("stkpush_guard_restricted_seconds", "Seconds until the restriction ends.", restricted_s)

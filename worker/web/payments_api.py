@@ -38,8 +38,8 @@ from producers.batch import (
     open_batch,
 )
 from producers.enqueue import PaymentConflictError, enqueue_payment
-from producers.validation import PaymentValidationError, validate_payment
-from worker import runtime
+from producers.validation import PaymentValidationError, expires_in_error, validate_payment
+from worker import batch_brake, runtime
 from worker.ledger import find_by_reference, get_payment
 from worker.web.access import payment_view, require_api_key
 
@@ -90,6 +90,11 @@ class PaymentIn(BaseModel):
     )
     customer_name: str | None = Field(default=None, max_length=100)
     channel_id: int | None = Field(default=None, description="Default: UPESIPAY_CHANNEL_ID")
+    expires_in: int | None = Field(
+        default=None,
+        description="Seconds the prompt is worth sending for; not sent by then, the payment ends EXPIRED. "
+        "Default: INTERACTIVE_EXPIRES_IN_S",
+    )
 
 
 class PaymentOut(BaseModel):
@@ -106,6 +111,7 @@ class PaymentOut(BaseModel):
     created_at: str
     updated_at: str
     settled_at: str | None
+    expires_at: str | None = Field(description="the deadline: not sent by then, EXPIRED")
     queued: bool = Field(
         description="a stk_push message is on the broker (false: the dispatcher queues it later)"
     )
@@ -143,6 +149,10 @@ class BatchStatus(BaseModel):
     error: str | None
     created_at: str
     finished_at: str | None
+    paused: bool = Field(description="the batch paused itself; its waiting rows are held until resumed")
+    paused_at: str | None
+    pause_reason: str | None = Field(description="which trigger fired (worker/batch_brake.py)")
+    resumed_at: str | None
     rejects: list[RejectRow] = Field(
         default_factory=list, description=f"the first {REJECTS_SHOWN} rejects (line, field, rule)"
     )
@@ -192,10 +202,16 @@ async def create_payment(request: Request) -> JSONResponse:
     if not isinstance(document, dict):
         return problem(422, "invalid payment request", [{"field": "body", "rule": "must be a JSON object"}])
     settings = runtime.settings()
+    deadline_error = expires_in_error(document.get("expires_in"))
     try:
-        validate_payment(document, amount_min=settings.amount_min, amount_max=settings.amount_max)
+        # expires_in is the request's, not the payment's: the one schema knows the payment's fields only.
+        fields = {name: value for name, value in document.items() if name != "expires_in"}
+        validate_payment(fields, amount_min=settings.amount_min, amount_max=settings.amount_max)
     except PaymentValidationError as error:
-        return problem(422, "invalid payment request", error.as_dict())
+        errors = error.errors + ([deadline_error] if deadline_error else [])
+        return problem(422, "invalid payment request", PaymentValidationError(errors).as_dict())
+    if deadline_error is not None:
+        return problem(422, "invalid payment request", PaymentValidationError([deadline_error]).as_dict())
     try:
         handle = await run_in_threadpool(
             lambda: enqueue_payment(
@@ -205,6 +221,7 @@ async def create_payment(request: Request) -> JSONResponse:
                 customer_name=document.get("customer_name"),
                 channel_id=document.get("channel_id"),
                 queue="single",
+                expires_in=document.get("expires_in"),
             )
         )
     except PaymentConflictError as error:
@@ -320,6 +337,20 @@ def get_batch(batch_id: str) -> dict[str, Any]:
         if status["state"] != "INGESTING":  # while ingesting, the file's last row may be half written
             status["rejects"] = list(iter_rejects(status["rejects_path"], REJECTS_SHOWN))
     return status
+
+
+@router.post(
+    "/batches/{batch_id}/resume",
+    summary="Resume a batch that paused itself: its held rows are released within the bulk lane",
+    responses={404: {"description": "no such batch"}, 409: {"description": "the batch is not paused"}},
+)
+def resume_batch(batch_id: str) -> dict[str, Any]:
+    if batch_status(batch_id) is None:
+        raise HTTPException(404, detail="no batch with that id")
+    released = batch_brake.resume(batch_id)
+    if released is None:
+        raise HTTPException(409, detail="the batch is not paused")
+    return {"batch_id": batch_id, "resumed": True, "released": released}
 
 
 @router.get(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -107,6 +108,8 @@ def test_post_payment_records_it_on_the_single_queue_idempotently(batch_stack: S
             {"amount", "phone_number", "external_reference"},
         ),
         ({"amount": 10.5, "phone_number": "0712345601", "channel_id": 0}, {"amount", "channel_id"}),
+        ({"amount": 0, "phone_number": "0712345601", "expires_in": 0}, {"amount", "expires_in"}),
+        ({"amount": 10, "phone_number": "0712345601", "expires_in": "600"}, {"expires_in"}),
         ([1, 2], {"body"}),
         (b"{not json", {"body"}),
     ],
@@ -115,6 +118,8 @@ def test_post_payment_records_it_on_the_single_queue_idempotently(batch_stack: S
         "string-amount-long-name",
         "missing-amount",
         "float-channel",
+        "zero-deadline",
+        "text-deadline",
         "list",
         "not-json",
     ],
@@ -137,6 +142,24 @@ def test_post_payment_names_every_bad_field_with_422_and_records_nothing(
     assert all(error["rule"] for error in answer.json()["errors"])
     assert "0202123456" not in answer.text
     assert payment_count() == before
+
+
+def test_post_payment_takes_a_deadline_and_defaults_to_the_interactive_one(batch_stack: Stack) -> None:
+    def post(body: dict[str, Any]) -> dict[str, Any]:
+        answer = httpx.post(
+            f"{batch_stack.web_url}/payments", json=body, headers=key(batch_stack), timeout=10
+        )
+        assert answer.status_code == 201, answer.text
+        return dict(answer.json())
+
+    given = post({"amount": 10, "phone_number": "0712345602", "expires_in": 120})
+    default = post({"amount": 10, "phone_number": "0712345603"})
+    deadlines = [
+        datetime.fromisoformat(view["expires_at"]) - datetime.fromisoformat(view["created_at"])
+        for view in (given, default)
+    ]
+    assert abs(deadlines[0].total_seconds() - 120) < 5
+    assert abs(deadlines[1].total_seconds() - runtime.settings().interactive_expires_in_s) < 5
 
 
 def test_post_batch_answers_with_the_batch_id_at_once_and_ingests_in_the_background(
