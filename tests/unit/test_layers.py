@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.sending",
             "worker.dispatch",
             "worker.settlement",
+            "worker.provider_callback",
             "worker.metrics",
         ),
     ),
