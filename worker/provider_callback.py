@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlmodel import col
 
-from worker import runtime
+from worker import metrics, runtime
 from worker.ledger import Payment, PaymentState, get_payment, utcnow
 from worker.phones import PhoneNumberError, normalise_phone
 from worker.settlement import RESULT_SUCCESS, finish, state_for_result
@@ -210,5 +210,7 @@ def apply_held(payment_id: str) -> bool:
         if held.checkout_request_id != payment.checkout_request_id:
             log.warning("payment %s: held callback dropped: CheckoutRequestID does not match", payment_id)
             continue
-        return apply_callback(payment, held)
+        changed = apply_callback(payment, held)
+        metrics.record_callback(held.result_code, changed)
+        return changed
     return False
