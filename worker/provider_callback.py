@@ -21,7 +21,7 @@ from sqlmodel import col
 from worker import metrics, runtime
 from worker.ledger import Payment, PaymentState, get_payment, utcnow
 from worker.phones import PhoneNumberError, normalise_phone
-from worker.settlement import RESULT_SUCCESS, finish, state_for_result
+from worker.settlement import ASSUMED_FAILURE, RESULT_SUCCESS, finish, state_for_result
 
 log = logging.getLogger("stkpush.callbacks")
 
@@ -149,6 +149,17 @@ def apply_callback(payment: Payment, callback: ProviderCallback) -> bool:
     )
 
 
+def identity_unknown(payment: Payment) -> bool:
+    """True when nothing the ledger holds can confirm a callback's CheckoutRequestID: the 201 is not recorded
+    yet, or never was (a send that timed out and was finally given up on, FAILED `unsettled:`). A callback for
+    such a row is held, never applied: a late success there can't be told from a forged one."""
+    if payment.checkout_request_id:
+        return False
+    if payment.state in IDENTITY_UNKNOWN:
+        return True
+    return payment.state == PaymentState.FAILED and (payment.reason or "").startswith(ASSUMED_FAILURE)
+
+
 def _held_entry(callback: ProviderCallback) -> dict[str, Any]:
     entry = asdict(callback)
     # Amount, phone and reference were checked before holding; only what applying needs is kept.
@@ -164,7 +175,7 @@ def hold_callback(payment: Payment, callback: ProviderCallback) -> bool:
     engine = runtime.engine()
     for _ in range(5):  # compare-and-set against another callback held at the same moment
         current = get_payment(engine, payment.id)
-        if current is None or current.state not in IDENTITY_UNKNOWN or current.checkout_request_id:
+        if current is None or not identity_unknown(current):
             return False
         held = json.loads(current.held_callbacks) if current.held_callbacks else []
         if len(held) >= HELD_MAX:
@@ -176,7 +187,7 @@ def hold_callback(payment: Payment, callback: ProviderCallback) -> bool:
             update(Payment)
             .where(
                 col(Payment.id) == payment.id,
-                col(Payment.state).in_([s.value for s in IDENTITY_UNKNOWN]),
+                col(Payment.state) == current.state,
                 col(Payment.checkout_request_id).is_(None),
                 col(Payment.held_callbacks).is_(None)
                 if current.held_callbacks is None

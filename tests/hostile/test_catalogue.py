@@ -476,3 +476,50 @@ def test_stkpush_batch_rejects_each_bad_line_by_line_and_field_and_records_the_g
     assert_rejects_file_is_inert(
         (tmp_path / f"hostile.{case.file_format}.rejects.csv").read_text(encoding="utf-8"), case.rejects
     )
+
+
+def given_up(payment: Payment, *, checkout_request_id: str | None) -> Payment:
+    """The payment as settlement leaves it after SETTLE_GIVE_UP_S without an outcome."""
+    with session_scope(runtime.engine()) as session:
+        row = session.get(Payment, payment.id)
+        assert row is not None
+        row.state = PaymentState.FAILED
+        row.reason = "unsettled: no outcome from UpesiPay after 10800s (last status QUEUED)"
+        row.checkout_request_id = checkout_request_id
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+        return row
+
+
+def test_a_late_success_for_a_payment_given_up_without_a_checkout_id_is_held_not_applied(
+    hostile_stack: Stack,
+) -> None:
+    # Nothing in the ledger can confirm its CheckoutRequestID (the send timed out, no 201 was ever recorded):
+    # taking the failure back on its word would let a made-up callback mark the payment paid.
+    payment = given_up(awaiting_payment(hostile_stack), checkout_request_id=None)
+    document = callback_document(payment, CheckoutRequestID="ws_CO_MADEUP", MpesaReceiptNumber="FORGED0001")
+    answer = httpx.post(callback_url(runtime.settings(), payment.id), json=document, timeout=10)
+    assert (answer.status_code, answer.json()) == (202, {"status": "held"})
+    after = get_payment(runtime.engine(), payment.id)
+    assert after is not None and (after.state, after.receipt, after.checkout_request_id) == (
+        PaymentState.FAILED,
+        None,
+        None,
+    )
+    assert after.held_callbacks is not None and "ws_CO_MADEUP" in after.held_callbacks
+    assert "reconcile it with UpesiPay" in hostile_stack.log_text("web")
+
+
+def test_a_late_success_matching_the_recorded_checkout_id_takes_the_assumed_failure_back(
+    hostile_stack: Stack,
+) -> None:
+    payment = given_up(
+        awaiting_payment(hostile_stack), checkout_request_id="ws_CO_01122026101500000733445566"
+    )
+    answer = httpx.post(
+        callback_url(runtime.settings(), payment.id), json=callback_document(payment), timeout=10
+    )
+    assert answer.json() == {"status": "applied"}
+    after = get_payment(runtime.engine(), payment.id)
+    assert after is not None and (after.state, after.receipt) == (PaymentState.SUCCEEDED, "SAE3YULR0Y")

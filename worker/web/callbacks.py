@@ -14,13 +14,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from worker import metrics, runtime
-from worker.ledger import get_payment
+from worker.ledger import PaymentState, get_payment
 from worker.provider_callback import (
-    IDENTITY_UNKNOWN,
     CallbackProblem,
     apply_callback,
     check_against,
     hold_callback,
+    identity_unknown,
     parse_callback,
 )
 from worker.signing import signature_matches
@@ -63,10 +63,17 @@ async def upesipay_callback(payment_id: str, signature: str, request: Request) -
         except CallbackProblem as problem:
             log.warning("callback for payment %s refused: %s", payment.id, problem)
             return refused(400, problem)
-        if payment.state not in IDENTITY_UNKNOWN or payment.checkout_request_id:
+        if not identity_unknown(payment):
             break
         if hold_callback(payment, callback):
-            log.info("callback for payment %s held until UpesiPay's answer is recorded", payment.id)
+            if payment.state == PaymentState.FAILED:
+                log.warning(
+                    "late callback for payment %s held: its CheckoutRequestID can't be checked (the payment was "
+                    "given up on unsettled); reconcile it with UpesiPay",
+                    payment.id,
+                )
+            else:
+                log.info("callback for payment %s held until UpesiPay's answer is recorded", payment.id)
             return JSONResponse({"status": "held"}, status_code=202)
         payment = get_payment(runtime.engine(), payment_id) or payment
     else:
