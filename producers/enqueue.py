@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from producers.validation import (
     PaymentRequest,
@@ -25,6 +25,7 @@ from worker.ledger import (
     session_scope,
     utcnow,
 )
+from worker.migrations import migration_problem
 from worker.phones import mask_phone
 
 log = logging.getLogger("stkpush.producers")
@@ -122,6 +123,13 @@ def enqueue_payment(
         with session_scope(engine) as session:
             session.add(payment)
             session.commit()
+    except (OperationalError, ProgrammingError):
+        # "no such table: payment" says less than the web app and the workers do; and the driver's message
+        # carries the statement's parameters (a phone number).
+        problem = migration_problem(engine)
+        if problem is not None:
+            raise problem from None
+        raise
     except IntegrityError:
         existing = find_by_reference(engine, account, reference)
         if existing is None:  # pragma: no cover - the unique constraint is the only integrity rule

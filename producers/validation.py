@@ -14,6 +14,13 @@ REFERENCE_MAX = 64
 NAME_MAX = 100
 # References travel in URLs (GET /payments/{reference}) and in UpesiPay's records: no spaces, no slashes.
 REFERENCE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:#-]*$")
+# The ledger's integer columns are 32-bit on PostgreSQL; a larger channel id can only be a mistake (and would
+# fail the insert, not the validation).
+CHANNEL_ID_MAX = 2**31 - 1
+# A field name is echoed in an error only when it looks like one: a JSON key or CSV header cell may as well be
+# a phone number, a name or a spreadsheet formula from a file written the wrong way round.
+FIELD_NAME_SHAPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+UNNAMED_FIELD = "(unnamed field)"
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,16 @@ def strip_control(text: str) -> str:
     return "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
 
 
+def has_control(text: str) -> bool:
+    return any(unicodedata.category(ch)[0] == "C" for ch in text)
+
+
+def field_label(name: object) -> str:
+    """How an error names a field the schema does not know: its name if it is shaped like one, else a stand-in."""
+    text = str(name)
+    return text if FIELD_NAME_SHAPE.fullmatch(text) else UNNAMED_FIELD
+
+
 def _amount(value: Any, minimum: int, maximum: int, errors: list[FieldError]) -> int:
     # bool is an int subclass and True would be a payment of 1: refuse it, and floats and numeric strings too,
     # so a caller's type confusion never becomes a money request.
@@ -79,7 +96,11 @@ def _reference(value: Any, errors: list[FieldError]) -> str | None:
     if not isinstance(value, str):
         errors.append(FieldError("external_reference", "must be a string"))
         return None
-    text = strip_control(value).strip()
+    if has_control(value):
+        # Dropping them would turn "INV\n009" into "INV009": two different client references would collide.
+        errors.append(FieldError("external_reference", "must not contain control characters"))
+        return None
+    text = value.strip()
     if not text:
         return None
     if len(text) > REFERENCE_MAX:
@@ -108,8 +129,8 @@ def _name(value: Any, errors: list[FieldError]) -> str | None:
 def _channel(value: Any, errors: list[FieldError]) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        errors.append(FieldError("channel_id", "must be a positive integer"))
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= CHANNEL_ID_MAX:
+        errors.append(FieldError("channel_id", f"must be a positive integer at most {CHANNEL_ID_MAX}"))
         return None
     return value
 
@@ -121,7 +142,7 @@ def validate_payment(raw: Mapping[str, Any], *, amount_min: int, amount_max: int
     """Check one request; raise PaymentValidationError listing every bad field, or return it normalised."""
     errors: list[FieldError] = []
     for unknown in sorted(set(raw) - KNOWN_FIELDS):
-        errors.append(FieldError(str(unknown)[:40], "is not a known field"))
+        errors.append(FieldError(field_label(unknown), "is not a known field"))
     if "amount" not in raw:
         errors.append(FieldError("amount", "is required"))
         amount = 0

@@ -95,6 +95,9 @@ class Payment(SQLModel, table=True):
     result_desc: str | None = Field(default=None, max_length=255)
     provider_status_code: int | None = None
     provider_response: str | None = Field(default=None, max_length=2048)  # masked, for the operator
+    # Callbacks that came before UpesiPay's 201 was recorded, as a JSON list; applied (or dropped) once the
+    # CheckoutRequestID is known. See worker.provider_callback.
+    held_callbacks: str | None = Field(default=None, max_length=4096)
 
     created_at: datetime = Field(default_factory=utcnow, index=True)
     updated_at: datetime = Field(default_factory=utcnow)

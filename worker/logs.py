@@ -33,6 +33,10 @@ _PHONE = re.compile(
 )
 # The callback URL's last segment is an HMAC that lets anyone post an outcome for that payment.
 _CALLBACK_SIGNATURE = re.compile(r"(/callbacks/upesipay/[0-9A-Za-z]+/)[^/\s\"'?#]+")
+# A run of URL text holding percent escapes (an access log's raw path): `%2B254733445566`, `0733%20445%20567`.
+_PERCENT_ENCODED = re.compile(r"[^\s\"'<>]*%[0-9A-Fa-f]{2}[^\s\"'<>]*")
+# Enough to undo double encoding (`%252B`), not so many that a crafted line costs much.
+_DECODE_ROUNDS = 3
 _URL_PASSWORD = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
 _AUTH_HEADER = re.compile(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9+/._~=-]{8,}")
 # Fields a record may carry (logger.info(..., extra={...})) that the JSON line keeps as its own keys.
@@ -57,6 +61,26 @@ def _url_password(url: str) -> str | None:
     except ValueError:
         return None
     return unquote(password) if password else None
+
+
+# `0733+445+567`: a query string's spaces.
+_PLUS_SEPARATED = re.compile(
+    r"(?<![0-9A-Za-z.])(?:\+?254\+?|0)?[17][0-9]{2}\+[0-9]{3}\+[0-9]{3}(?![0-9A-Za-z])"
+)
+
+
+def _decoded_if_phone(run: str) -> str:
+    """The run decoded with its phone numbers masked when decoding reveals one; otherwise the run as it was."""
+    decoded = run
+    for _ in range(_DECODE_ROUNDS):
+        once = unquote(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    masked = _PHONE.sub(lambda m: mask_phone(m.group(0)), decoded)
+    if masked == decoded:
+        masked = _PLUS_SEPARATED.sub(lambda m: mask_phone(m.group(0)), decoded)
+    return masked if masked != decoded else run
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -88,6 +112,9 @@ class Redactor(logging.Filter):
         text = _URL_PASSWORD.sub(lambda m: m.group(1) + SECRET + "@", text)
         text = _AUTH_HEADER.sub(lambda m: m.group(1) + " " + SECRET, text)
         text = _CALLBACK_SIGNATURE.sub(lambda m: m.group(1) + "[signature]", text)
+        if "%" in text or "+" in text:
+            text = _PERCENT_ENCODED.sub(lambda m: _decoded_if_phone(m.group(0)), text)
+            text = _PLUS_SEPARATED.sub(lambda m: mask_phone(m.group(0)), text)
         return _PHONE.sub(lambda m: mask_phone(m.group(0)), text)
 
     def filter(self, record: logging.LogRecord) -> bool:

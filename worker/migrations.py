@@ -26,6 +26,7 @@ __all__ = [
     "DatabaseNotMigrated",
     "current_revisions",
     "head_revisions",
+    "migration_problem",
     "require_migrated",
     "schema_drift",
     "upgrade",
@@ -117,6 +118,18 @@ def require_migrated(engine: Engine) -> None:
         )
     at = _names(current) if current else "no revision"
     raise DatabaseNotMigrated(f"{NOT_MIGRATED} (database at {at}, this version needs {_names(heads)})")
+
+
+def migration_problem(engine: Engine) -> DatabaseNotMigrated | None:
+    """Why the database is not usable by this code, or None; for callers that met a database error first and
+    want to say "run `stkpush db upgrade`" rather than "no such table". Never raises for a broken database."""
+    try:
+        require_migrated(engine)
+    except DatabaseNotMigrated as problem:
+        return problem
+    except Exception:  # the database itself is unreachable: the caller's own error says more
+        return None
+    return None
 
 
 def schema_drift(engine: Engine) -> list[Any]:

@@ -19,6 +19,7 @@ from worker.dispatch import expire, guard_refusal_reason
 from worker.guard import Lane, Outcome, RefusalReason
 from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
 from worker.phones import mask_phone
+from worker.provider_callback import apply_held
 from worker.signing import callback_url
 from worker.upesipay import PushOutcome, PushRequest, PushResult, RestrictionScope
 
@@ -192,9 +193,12 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                 **evidence,
             )
             if not moved:
-                # The callback outran our own bookkeeping and already settled the row; keep the references.
+                # The dispatcher took the row for a dead worker's (UNKNOWN) meanwhile; keep the reference so
+                # settlement asks transaction-status about this very request.
                 mark(engine, payment.id, provider_reference=result.reference, sent_at=utcnow())
             log.info("payment %s accepted by UpesiPay for %s", payment.id, masked)
+            if moved and apply_held(payment.id):
+                log.info("payment %s settled by a callback held until now", payment.id)
             return SendResult.ACCEPTED, None
         case PushOutcome.REJECTED:
             transition(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,7 +30,7 @@ class Settings(BaseSettings):
     # UpesiPay
     upesipay_base_url: AnyHttpUrl
     upesipay_auth_token: SecretStr
-    upesipay_channel_id: int = Field(gt=0)
+    upesipay_channel_id: int = Field(gt=0, le=2**31 - 1)
     # The guard and the ledger are per UpesiPay account; one deployment serves one account unless told otherwise.
     upesipay_account: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     upesipay_connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -123,9 +124,29 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str) -> str:
+    def _redis_url(cls, value: str) -> str:
+        # Checked here, not left to the first connection: a bad port or database otherwise shows up as "broker
+        # unreachable" forever, or as a traceback that never names the variable. Rules only, never the value
+        # (it may hold the password).
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ValueError("must have a port that is a number between 1 and 65535") from None
+        if port == 0:
+            raise ValueError("must have a port that is a number between 1 and 65535")
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("must name the socket's path (unix:///path/to/redis.sock)")
+            database = dict(parse_qsl(parts.query)).get("db", "0")
+        else:
+            if not parts.hostname:
+                raise ValueError("must name a host (redis://host:6379/0)")
+            database = parts.path.lstrip("/") or "0"
+        if not database.isdigit() or int(database) > 1_000_000:
+            raise ValueError("must end with a database number (redis://host:6379/0)")
         return value
 
     @field_validator("database_url")

@@ -21,9 +21,10 @@ from worker.upesipay import StatusResult, TransactionStatus
 
 log = logging.getLogger("stkpush.settlement")
 
-# States from which an outcome (callback or status) may end a payment. SENDING is there because UpesiPay's
-# callback can outrun the worker recording the 201.
-SETTLEABLE = (PaymentState.SENDING, PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
+# States from which an outcome (callback or status) may end a payment. Not SENDING: a callback that outruns the
+# worker recording the 201 can't be checked against UpesiPay's CheckoutRequestID yet, so it is held on the row
+# (worker.provider_callback) and applied once the 201 is recorded.
+SETTLEABLE = (PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
 # The reason prefix of a failure we assumed (no outcome could be learned): a late success may take it back.
 ASSUMED_FAILURE = "unsettled:"
 

@@ -245,7 +245,7 @@ class _Ingestion:
         progress = ReadProgress()
         rows = read_rows(stream, self.file_format, progress)
         while chunk := list(islice(rows, self.chunk_rows)):
-            candidates = [c for c in (self._judge(row, result) for row in chunk) if c is not None]
+            candidates = [c for c in (self._judge_safely(row, result) for row in chunk) if c is not None]
             result.counts.rows_total = progress.rows_read
             yield candidates, progress
 
@@ -290,6 +290,17 @@ class _Ingestion:
                 self.on_progress(result.mode.value, progress, result.counts)
 
     # ---- one row ------------------------------------------------------------------------------------------
+    def _judge_safely(self, row: FileRow, result: _Pass) -> _Candidate | None:
+        """One row's judgement; a row that breaks the judging itself is that row's reject, not the batch's end."""
+        try:
+            return self._judge(row, result)
+        except Exception as error:
+            log.error(
+                "batch %s: line %d could not be judged: %s", self.batch_id, row.line, type(error).__name__
+            )
+            self._reject(row.line, [FieldError("row", "could not be read as a payment")], result)
+            return None
+
     def _judge(self, row: FileRow, result: _Pass) -> _Candidate | None:
         errors = list(row.errors)
         # A line that could not be read into fields at all (not JSON, not UTF-8, too long) has nothing to validate.

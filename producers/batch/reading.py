@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import PurePath
 from typing import IO, Any
 
-from producers.validation import FieldError
+from producers.validation import FIELD_NAME_SHAPE, FieldError, field_label
 
 # A physical line longer than this is refused (its row is rejected, the rest of the file still read): an upload
 # of one endless line must not be buffered whole.
@@ -156,11 +156,21 @@ def _csv_header(row: list[str], line: int) -> list[str]:
     problems: list[LineError] = []
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     expected = ", ".join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
-    for column in columns:
+    if not known & set(columns):
+        # Most likely a file without a header row: its first line is a payment, whose cells (a phone, a name)
+        # must not be repeated back as column names.
+        raise BatchFileError(
+            [
+                LineError(
+                    line,
+                    FieldError("header", f"is missing: the first line must name the columns ({expected})"),
+                )
+            ]
+        )
+    for index, column in enumerate(columns):
         if column not in known:
-            problems.append(
-                LineError(line, FieldError(column[:40] or "(blank)", f"is not a known column ({expected})"))
-            )
+            label = column if FIELD_NAME_SHAPE.fullmatch(column) else f"column {index + 1}"
+            problems.append(LineError(line, FieldError(label, f"is not a known column ({expected})")))
     for column in sorted({c for c in columns if columns.count(c) > 1 and c in known}):
         problems.append(LineError(line, FieldError(column, "appears more than once in the header")))
     for column in REQUIRED_COLUMNS:
@@ -243,7 +253,7 @@ def read_csv(stream: IO[bytes], progress: ReadProgress) -> Iterator[FileRow]:
 def _json_strings_are_text(value: dict[str, Any]) -> list[FieldError]:
     # JSON escapes can spell lone surrogates ("\udc80"); the schema would silently drop them from a reference.
     return [
-        FieldError(str(key)[:40], "is not valid Unicode text")
+        FieldError(field_label(key), "is not valid Unicode text")
         for key, item in value.items()
         if isinstance(item, str) and not _is_text(item)
     ]
@@ -269,6 +279,9 @@ def read_jsonl(stream: IO[bytes], progress: ReadProgress) -> Iterator[FileRow]:
             continue
         try:
             value = json.loads(text)
+        except RecursionError:
+            yield FileRow(number, {}, (FieldError("line", "nests objects or lists too deeply"),))
+            continue
         except ValueError:
             yield FileRow(number, {}, (FieldError("line", "is not valid JSON"),))
             continue

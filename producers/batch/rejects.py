@@ -11,6 +11,18 @@ from typing import IO
 from producers.validation import FieldError
 
 REJECTS_COLUMNS = ("line", "field", "rule")
+# A cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection list); like spreadsheet
+# exports do, such a cell is written after a `'`, which makes it text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """The cell as inert text: control characters written as escapes, a would-be formula prefixed with `'`."""
+    escaped = "".join(
+        ch if ch.isprintable() else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
+    return "'" + escaped if escaped.startswith(FORMULA_STARTS) else escaped
 
 
 class RejectsFile:
@@ -39,7 +51,7 @@ class RejectsFile:
             self.written = True
         writer = csv.writer(self._stream)
         for line, error in sorted(pending, key=lambda item: item[0]):
-            writer.writerow((line, error.field, error.rule))
+            writer.writerow((line, spreadsheet_safe(error.field), spreadsheet_safe(error.rule)))
 
     def close(self) -> None:
         self.flush()

@@ -56,6 +56,27 @@ def test_every_common_form_of_a_kenyan_number_is_masked(written: str) -> None:
     assert "****" in text and text.endswith(", then done")
 
 
+@pytest.mark.parametrize(
+    ("written", "masked"),
+    [
+        ("/payments/%2B254712345678", "/payments/2547****678"),
+        ("/payments/0712%20345%20678", "/payments/0712****678"),
+        ("/payments/%252B254712345678", "/payments/2547****678"),
+        ("/payments/x?phone=0712+345+678", "/payments/x?phone=0712****678"),
+        ("/payments/%30712345678", "/payments/0712****678"),
+    ],
+)
+def test_numbers_hidden_by_url_encoding_are_masked(written: str, masked: str) -> None:
+    # Issue 15, item 6: uvicorn's access log writes the raw, still percent-encoded path.
+    line = Redactor().redact(f'127.0.0.1:5000 - "GET {written} HTTP/1.1" 404')
+    assert line == f'127.0.0.1:5000 - "GET {masked} HTTP/1.1" 404'
+
+
+def test_percent_encoded_text_without_a_number_is_left_as_it_was() -> None:
+    line = '"GET /payments/INV%2D009?x=a%20b HTTP/1.1" 404'
+    assert Redactor().redact(line) == line
+
+
 def test_ids_amounts_and_times_are_left_alone() -> None:
     redactor = Redactor()
     for text in (

@@ -94,6 +94,38 @@ def test_migrations_go_down_to_empty_and_up_again(empty_engine: Engine) -> None:
     assert schema_drift(empty_engine) == []
 
 
+def test_held_callbacks_migration_carries_existing_payments_over_and_back(empty_engine: Engine) -> None:
+    # Migration 0005 (issue 15) adds payment.held_callbacks: rows recorded at 0001 survive it, both ways.
+    from alembic import command
+
+    upgrade(empty_engine, "0001")
+    with empty_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO payment (id, account, external_reference, phone, amount, channel_id, queue, state, "
+                "attempts, checkout_request_id, created_at, updated_at) VALUES ('p1', 'acct', 'INV-1', "
+                "'254712345678', 10, 2133, 'single', 'AWAITING_CALLBACK', 0, 'ws_CO_1', :now, :now)"
+            ),
+            {"now": "2026-12-01 10:00:00"},
+        )
+    upgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT state, checkout_request_id, held_callbacks FROM payment WHERE id = 'p1'")
+        ).one()
+    assert tuple(row) == ("AWAITING_CALLBACK", "ws_CO_1", None)
+    assert schema_drift(empty_engine) == []
+    with empty_engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0001")
+    assert "held_callbacks" not in {c["name"] for c in inspect(empty_engine).get_columns("payment")}
+    with empty_engine.connect() as connection:
+        assert connection.execute(text("SELECT external_reference FROM payment")).scalars().all() == ["INV-1"]
+    # Leave the schema at head, as the other tests do: later tests share the session's PostgreSQL schema.
+    upgrade(empty_engine)
+    with empty_engine.begin() as connection:
+        connection.execute(text("DELETE FROM payment"))
+
+
 def test_an_unmigrated_database_is_refused_with_what_to_run(sqlite_engine: Engine) -> None:
     with pytest.raises(DatabaseNotMigrated) as refused:
         require_migrated(sqlite_engine)

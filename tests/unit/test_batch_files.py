@@ -213,3 +213,38 @@ def test_the_format_is_told_by_name_or_media_type(
     name: str, media_type: str, by_name: FileFormat | None, by_type: FileFormat | None
 ) -> None:
     assert format_for_name(name) == by_name and format_for_media_type(media_type) == by_type
+
+
+@pytest.mark.parametrize(
+    ("cell", "written"),
+    [
+        ("=HYPERLINK(1)", "'=HYPERLINK(1)"),
+        ("+1+1", "'+1+1"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "\\x09x"),
+        ("a\x00b\x1b[2J", "a\\x00b\\x1b[2J"),
+        ("line\u2028break", "line\\u2028break"),
+        ("external_reference", "external_reference"),
+    ],
+)
+def test_rejects_cells_are_inert_in_a_spreadsheet(cell: str, written: str) -> None:
+    # Issue 15, item 4: the way spreadsheet exports neutralise formulas; control bytes become visible escapes.
+    from producers.batch.rejects import spreadsheet_safe
+
+    assert spreadsheet_safe(cell) == written
+
+
+def test_a_csv_without_a_header_row_is_refused_without_repeating_its_first_row() -> None:
+    # Issue 15, item 2: the first row (a phone, a name) used to come back as "unknown columns".
+    with pytest.raises(BatchFileError) as caught:
+        csv_rows(b"INV-1,0733445566,100,Wanjiru Kamau\n")
+    assert [(p.line, p.error.field) for p in caught.value.problems] == [(1, "header")]
+    assert "0733445566" not in str(caught.value) and "wanjiru" not in str(caught.value).lower()
+
+
+def test_a_json_line_nested_too_deep_is_that_lines_reject() -> None:
+    # Issue 15, item 3: RecursionError used to end the whole batch.
+    data = b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"\n" + json.dumps({"amount": 1}).encode() + b"\n"
+    rows = list(read_rows(io.BytesIO(data), FileFormat.JSONL, ReadProgress()))
+    assert [(row.line, [e.field for e in row.errors]) for row in rows] == [(1, ["line"]), (2, [])]

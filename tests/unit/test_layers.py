@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.bulk_turns",
             "worker.settlement",
             "worker.other_channels",
+            "worker.provider_callback",
             "worker.metrics",
         ),
     ),

@@ -93,3 +93,39 @@ def test_backoff_cap_must_stay_below_half_the_visibility_timeout() -> None:
 def test_postgres_urls_use_psycopg() -> None:
     settings = load_settings(**GOOD, database_url="postgresql://u@127.0.0.1/test")
     assert settings.sqlalchemy_url == "postgresql+psycopg://u@127.0.0.1/test"
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("redis://:hunter2pw@127.0.0.1:notaport/0", "port"),
+        ("redis://:hunter2pw@127.0.0.1:70000/0", "port"),
+        ("redis://:hunter2pw@127.0.0.1:0/0", "port"),
+        ("redis://:hunter2pw@:6379/0", "host"),
+        ("redis://:hunter2pw@127.0.0.1:6379/zero", "database number"),
+        ("unix://:hunter2pw@", "socket"),
+        ("http://:hunter2pw@127.0.0.1:6379/0", "redis://"),
+    ],
+)
+def test_a_malformed_redis_url_fails_at_load_naming_redis_url_not_the_password(url: str, rule: str) -> None:
+    # Issue 15, item 7: `redis://:pw@127.0.0.1:notaport/0` used to pass and fail at the first connection.
+    with pytest.raises(SettingsError) as caught:
+        load_settings(**GOOD, redis_url=url)
+    message = str(caught.value)
+    assert "REDIS_URL" in message and rule in message
+    assert "hunter2pw" not in message and url not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://:pw@redis:6379/2",
+        "rediss://user:pw@cache.example:6380/0",
+        "redis://[::1]:6379/0",
+        "redis://localhost",
+        "unix:///run/redis.sock?db=1",
+    ],
+)
+def test_well_formed_redis_urls_load(url: str) -> None:
+    assert load_settings(**GOOD, redis_url=url).redis_url == url

@@ -1,22 +1,28 @@
 """UpesiPay's callback receiver: `POST /callbacks/upesipay/{payment id}/{signature}`.
 
-It checks the signature in constant time, checks the body against the ledger, answers 200 fast, and is
-idempotent; a forged or mismatching callback changes nothing and is logged without personal data.
+It checks the signature in constant time, the body's types, and the body against the ledger (worker.
+provider_callback), answers fast, and is idempotent; a forged, malformed or mismatching callback changes nothing,
+is answered 4xx naming the field and the rule, and is logged without personal data. A callback for a payment
+whose CheckoutRequestID is not yet known is held (202) and applied when the worker records UpesiPay's 201.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from worker import metrics, runtime
-from worker.ledger import Payment, get_payment
-from worker.phones import PhoneNumberError, normalise_phone
-from worker.settlement import RESULT_SUCCESS, finish, state_for_result
+from worker.ledger import PaymentState, get_payment
+from worker.provider_callback import (
+    CallbackProblem,
+    apply_callback,
+    check_against,
+    hold_callback,
+    identity_unknown,
+    parse_callback,
+)
 from worker.signing import signature_matches
 
 log = logging.getLogger("stkpush.web")
@@ -26,26 +32,11 @@ MAX_CALLBACK_BYTES = 64 * 1024
 router = APIRouter()
 
 
-def callback_mismatch(payment: Payment, response: dict[str, Any]) -> str | None:
-    """The name of the first callback field that contradicts the ledger, or None."""
-    if response.get("ExternalReference") not in (None, "", payment.external_reference):
-        return "ExternalReference"
-    checkout = response.get("CheckoutRequestID")
-    if payment.checkout_request_id and checkout != payment.checkout_request_id:
-        return "CheckoutRequestID"
-    amount = response.get("Amount")
-    if isinstance(amount, bool) or not isinstance(amount, int | float) or amount != payment.amount:
-        return "Amount"
-    phone = response.get("Phone")
-    try:
-        if not isinstance(phone, str) or normalise_phone(phone) != payment.phone:
-            return "Phone"
-    except PhoneNumberError:
-        return "Phone"
-    result_code = response.get("ResultCode")
-    if isinstance(result_code, bool) or not isinstance(result_code, int):
-        return "ResultCode"
-    return None
+def refused(status: int, problem: CallbackProblem) -> JSONResponse:
+    return JSONResponse(
+        {"error": str(problem), "errors": [{"field": problem.field, "rule": problem.rule}]},
+        status_code=status,
+    )
 
 
 @router.post("/callbacks/upesipay/{payment_id}/{signature}", include_in_schema=False)
@@ -56,41 +47,43 @@ async def upesipay_callback(payment_id: str, signature: str, request: Request) -
         return JSONResponse({"error": "forbidden"}, status_code=403)
     body = await request.body()
     if len(body) > MAX_CALLBACK_BYTES:
-        return JSONResponse({"error": "body too large"}, status_code=413)
+        return refused(413, CallbackProblem("body", f"must be at most {MAX_CALLBACK_BYTES} bytes"))
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        log.warning("callback for payment %s refused: body is not JSON", payment_id)
-        return JSONResponse({"error": "body must be JSON"}, status_code=400)
-    response = document.get("response") if isinstance(document, dict) else None
-    if not isinstance(response, dict):
-        log.warning("callback for payment %s refused: no response object", payment_id)
-        return JSONResponse({"error": "body must hold a response object"}, status_code=400)
+        callback = parse_callback(body)
+    except CallbackProblem as problem:
+        log.warning("callback for payment %s refused: %s", payment_id, problem)
+        return refused(400, problem)
     payment = get_payment(runtime.engine(), payment_id)
     if payment is None:
         log.warning("callback for unknown payment %.12s refused", payment_id)
         return JSONResponse({"error": "unknown payment"}, status_code=404)
-    mismatch = callback_mismatch(payment, response)
-    if mismatch is not None:
-        log.warning("callback for payment %s refused: %s does not match the ledger", payment.id, mismatch)
-        return JSONResponse({"error": f"{mismatch} does not match the payment"}, status_code=400)
-    result_code = int(response["ResultCode"])
-    state = state_for_result(result_code)
-    receipt = response.get("MpesaReceiptNumber") if result_code == RESULT_SUCCESS else None
-    changed = finish(
-        payment,
-        state,
-        result_code=result_code,
-        result_desc=str(response.get("ResultDesc", ""))[:255],
-        receipt=str(receipt)[:64] if receipt else None,
-        checkout_request_id=payment.checkout_request_id or str(response.get("CheckoutRequestID", ""))[:100],
-        reason=None if state.value == "SUCCEEDED" else f"M-Pesa result {result_code}",
-    )
-    metrics.record_callback(result_code, changed)
+    for _ in range(2):  # once more if the row moved on while the callback was being held
+        try:
+            check_against(payment, callback)
+        except CallbackProblem as problem:
+            log.warning("callback for payment %s refused: %s", payment.id, problem)
+            return refused(400, problem)
+        if not identity_unknown(payment):
+            break
+        if hold_callback(payment, callback):
+            if payment.state == PaymentState.FAILED:
+                log.warning(
+                    "late callback for payment %s held: its CheckoutRequestID can't be checked (the payment was "
+                    "given up on unsettled); reconcile it with UpesiPay",
+                    payment.id,
+                )
+            else:
+                log.info("callback for payment %s held until UpesiPay's answer is recorded", payment.id)
+            return JSONResponse({"status": "held"}, status_code=202)
+        payment = get_payment(runtime.engine(), payment_id) or payment
+    else:
+        return JSONResponse({"error": "the payment is changing: send the callback again"}, status_code=409)
+    changed = apply_callback(payment, callback)
+    metrics.record_callback(callback.result_code, changed)
     log.info(
         "callback for payment %s: result %d, %s",
         payment.id,
-        result_code,
+        callback.result_code,
         "applied" if changed else "duplicate",
     )
     return JSONResponse({"status": "applied" if changed else "duplicate"})

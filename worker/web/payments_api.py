@@ -197,6 +197,9 @@ async def create_payment(request: Request) -> JSONResponse:
             return problem(413, "body too large", [{"field": "body", "rule": rule}])
     try:
         document = json.loads(body)
+    except RecursionError:
+        rule = "must not nest objects or lists this deeply"
+        return problem(422, "invalid payment request", [{"field": "body", "rule": rule}])
     except ValueError:
         document = None
     if not isinstance(document, dict):
