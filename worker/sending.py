@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import secrets
-import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from pathlib import Path
+from typing import Any
 
 from worker import metrics, runtime
+from worker.attempts import claim_for_send, end_attempt, record_guard_block, record_sent
 from worker.dispatch import guard_refusal_reason
-from worker.guard import Outcome, RefusalReason
-from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
+from worker.faults import fail_point
+from worker.guard import RefusalReason
+from worker.ledger import AttemptOutcome, GuardBlockKind, Payment, PaymentState, get_payment, utcnow
 from worker.phones import mask_phone
-from worker.signing import callback_url
+from worker.reconcile import admit, tell_guard
+from worker.signing import attempt_callback_url
 from worker.upesipay import PushOutcome, PushRequest, PushResult, RestrictionScope
 
 log = logging.getLogger("stkpush.sending")
@@ -56,16 +57,19 @@ def backoff_s(attempt: int) -> float:
     return countdown
 
 
-def defer(payment: Payment, seconds: float, reason: str, from_state: PaymentState) -> None:
-    transition(
+def defer(token: str, seconds: float, reason: str, outcome: AttemptOutcome = AttemptOutcome.REFUSED) -> bool:
+    """End the attempt `token` and put its payment back to wait in the database (DEFERRED)."""
+    return end_attempt(
         runtime.engine(),
-        payment.id,
-        [from_state],
-        PaymentState.DEFERRED,
+        token,
+        outcome,
+        payment_from=[PaymentState.SENDING],
+        payment_to=PaymentState.DEFERRED,
+        guard_told=outcome == AttemptOutcome.REFUSED,
         next_attempt_at=utcnow() + timedelta(seconds=max(seconds, 0.0)),
         reason=reason[:500],
         guard_token=None,
-    )
+    ).payment_moved
 
 
 def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
@@ -75,30 +79,22 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         log.warning("stk_push for unknown payment %s: nothing to do", payment_id)
         return SendResult.MISSING, None
     token = f"{payment.id}.{secrets.token_hex(4)}"
-    # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
-    # claimed (or past it) and sends nothing.
-    if not transition(
-        engine,
-        payment.id,
-        [PaymentState.PENDING],
-        PaymentState.SENDING,
-        guard_token=token,
-        next_attempt_at=None,
-    ):
+    # The claim is the only way into SENDING, and it opens the attempt in the same transaction: a redelivered
+    # message, or a second worker, finds the row already claimed (or past it) and sends nothing.
+    if not claim_for_send(engine, payment.id, token):
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 
     fail_point("after-claim")
-    guard = runtime.guard()
     pause = runtime.credentials_pause().remaining_s()
     if pause > 0:
-        defer(payment, pause, "sending paused: UpesiPay refused the credentials", PaymentState.SENDING)
+        defer(token, pause, "sending paused: UpesiPay refused the credentials")
         return SendResult.PAUSED, None
-    decision = guard.admit(payment.phone, token)
+    decision = admit(payment.phone, token)
     metrics.record_guard_decision(decision)
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
-        defer(payment, decision.retry_after, guard_refusal_reason(reason), PaymentState.SENDING)
+        defer(token, decision.retry_after, guard_refusal_reason(reason))
         log.info(
             "payment %s deferred by the guard (%s) for %.0fs", payment.id, reason.value, decision.retry_after
         )
@@ -112,72 +108,56 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
             channel_id=payment.channel_id,
             external_reference=payment.external_reference,
             customer_name=payment.customer_name,
-            callback_url=callback_url(settings, payment.id),
+            callback_url=attempt_callback_url(settings, token),
         )
     )
     fail_point("after-send")
     return record(payment, token, result)
 
 
-def fail_point(name: str) -> None:
-    """Reliability tests kill the worker here, once (see Settings.fault_kill_at); a no-op in production."""
-    settings = runtime.settings()
-    if settings.fault_kill_at != name or not settings.fault_marker_file:
-        return
-    marker = Path(settings.fault_marker_file)
-    try:
-        marker.touch(exist_ok=False)
-    except FileExistsError:
-        return
-    log.warning("fail-point %s: killing this worker process", name)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult, Retry | None]:
     metrics.record_push(result)
     engine = runtime.engine()
     guard = runtime.guard()
-    evidence = {
+    evidence: dict[str, Any] = {
         "provider_status_code": result.status_code,
         "provider_response": result.raw[:2048] if result.raw else None,
     }
     masked = mask_phone(payment.phone)
     match result.outcome:
         case PushOutcome.ACCEPTED:
-            moved = transition(
+            # If the callback outran this bookkeeping it already ended the attempt; the references are kept.
+            record_sent(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
+                token,
                 PaymentState.AWAITING_CALLBACK,
                 provider_reference=result.reference,
                 checkout_request_id=result.checkout_request_id,
-                sent_at=utcnow(),
                 reason=None,
                 **evidence,
             )
-            if not moved:
-                # The callback outran our own bookkeeping and already settled the row; keep the references.
-                mark(engine, payment.id, provider_reference=result.reference, sent_at=utcnow())
             log.info("payment %s accepted by UpesiPay for %s", payment.id, masked)
             return SendResult.ACCEPTED, None
         case PushOutcome.REJECTED:
-            transition(
+            # UpesiPay may count a refused request against the account: so does the guard.
+            ended = end_attempt(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
-                PaymentState.REJECTED,
+                token,
+                AttemptOutcome.FAILURE,
+                payment_from=[PaymentState.SENDING],
+                payment_to=PaymentState.REJECTED,
                 reason=result.detail[:500],
                 **evidence,
             )
-            # UpesiPay may count a refused request against the account: so does the guard.
-            guard.resolve(token, Outcome.FAILURE)
+            if ended.attempt_ended:
+                tell_guard(token, AttemptOutcome.FAILURE)
             log.warning("payment %s rejected by UpesiPay: %s", payment.id, result.detail)
             return SendResult.REJECTED, None
         case PushOutcome.CREDENTIALS_REFUSED:
-            guard.resolve(token, Outcome.RELEASED)
             probe_s = runtime.settings().credentials_probe_s
             runtime.credentials_pause().pause(probe_s)
-            defer(payment, probe_s, "UpesiPay refused the credentials", PaymentState.SENDING)
+            if defer(token, probe_s, "UpesiPay refused the credentials", AttemptOutcome.RELEASED):
+                tell_guard(token, AttemptOutcome.RELEASED)
             log.error(
                 "UpesiPay refused the credentials (HTTP %s): all sending paused for %.0fs; check "
                 "UPESIPAY_AUTH_TOKEN",
@@ -187,51 +167,59 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             return SendResult.PAUSED, None
         case PushOutcome.RATE_LIMITED:
             wait = result.retry_after_s if result.retry_after_s is not None else DEFAULT_RATE_LIMIT_WAIT_S
-            guard.resolve(token, Outcome.RELEASED)
+            until = utcnow() + timedelta(seconds=wait)
+            # The ledger first: a guard rebuilt from it must still honour the provider's word.
             if result.scope == RestrictionScope.PHONE:
+                record_guard_block(
+                    engine, payment.account, GuardBlockKind.PHONE, until, "provider", payment.phone
+                )
                 guard.block_phone(payment.phone, wait)
             else:
-                guard.restrict_account(wait, "provider: " + result.detail[:100])
-            defer(
-                payment, wait, f"UpesiPay rate limit ({result.scope}): {result.detail}", PaymentState.SENDING
-            )
+                reason = "provider: " + result.detail[:100]
+                record_guard_block(engine, payment.account, GuardBlockKind.ACCOUNT, until, reason)
+                guard.restrict_account(wait, reason)
+            if defer(
+                token, wait, f"UpesiPay rate limit ({result.scope}): {result.detail}", AttemptOutcome.RELEASED
+            ):
+                tell_guard(token, AttemptOutcome.RELEASED)
             log.warning("payment %s: UpesiPay rate limited (%s) for %.0fs", payment.id, result.scope, wait)
             return SendResult.DEFERRED, None
         case PushOutcome.NOT_SENT:
-            guard.resolve(token, Outcome.RELEASED)
             attempts = payment.attempts + 1
             if attempts >= runtime.settings().send_max_attempts:
-                transition(
+                if end_attempt(
                     engine,
-                    payment.id,
-                    [PaymentState.SENDING],
-                    PaymentState.FAILED,
+                    token,
+                    AttemptOutcome.RELEASED,
+                    payment_from=[PaymentState.SENDING],
+                    payment_to=PaymentState.FAILED,
                     attempts=attempts,
                     reason=f"could not reach UpesiPay after {attempts} attempts: {result.detail}"[:500],
-                )
+                ).attempt_ended:
+                    tell_guard(token, AttemptOutcome.RELEASED)
                 log.error("payment %s failed: UpesiPay unreachable after %d attempts", payment.id, attempts)
                 return SendResult.GAVE_UP, None
             countdown = backoff_s(attempts)
-            transition(
+            if end_attempt(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
-                PaymentState.PENDING,
+                token,
+                AttemptOutcome.RELEASED,
+                payment_from=[PaymentState.SENDING],
+                payment_to=PaymentState.PENDING,
                 attempts=attempts,
                 guard_token=None,
                 reason=f"not sent ({result.detail}); retry {attempts} in {countdown:.1f}s"[:500],
                 queued_at=None,
-            )
+            ).attempt_ended:
+                tell_guard(token, AttemptOutcome.RELEASED)
             return SendResult.RETRY, Retry(countdown)
         case PushOutcome.AMBIGUOUS:
             # The request may have reached UpesiPay: resending could prompt the customer twice. The reservation
             # stays held until settlement learns what happened.
-            transition(
+            record_sent(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
+                token,
                 PaymentState.UNKNOWN,
-                sent_at=utcnow(),
                 reason=f"outcome unknown: {result.detail}"[:500],
                 **evidence,
             )

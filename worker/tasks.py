@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker import dispatch, settlement
+from worker import dispatch, reconcile, settlement
 from worker.sending import send_payment
 
 
@@ -20,6 +20,8 @@ def stk_push(payment_id: str) -> str:
 
 @shared_task(name="stkpush.dispatch.release_deferred", ignore_result=True)
 def release_deferred() -> int:
+    # The guard first: rebuilt if Redis forgot it, and told what the ledger still owes it.
+    reconcile.keep_guard()
     return dispatch.release_deferred()
 
 
@@ -31,3 +33,8 @@ def requeue_stale() -> int:
 @shared_task(name="stkpush.dispatch.settle", ignore_result=True)
 def settle() -> int:
     return settlement.settle_due()
+
+
+@shared_task(name="stkpush.dispatch.verify_guard", ignore_result=True)
+def verify_guard() -> int:
+    return reconcile.verify_guard(repair=True).count

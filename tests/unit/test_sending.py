@@ -86,7 +86,7 @@ def test_201_awaits_the_callback_and_holds_the_reservation(provider: Provider) -
     assert (stored.provider_reference, stored.checkout_request_id) == ("E8UWT7CLUW", "ws_CO_1")
     assert runtime.guard().phone_snapshot(payment.phone).in_flight == 1
     body = provider.pushes[0].read()
-    assert b'"phone_number": "0712345678"' in body and b"/callbacks/upesipay/" + payment.id.encode() in body
+    assert b'"phone_number": "0712345678"' in body and b"/callbacks/upesipay/attempts/" + stored.guard_token.encode() in body
 
 
 def test_a_second_delivery_of_the_same_message_sends_nothing(provider: Provider) -> None:
@@ -215,9 +215,13 @@ def test_status_settlement_then_late_success_takes_back_an_assumed_failure(provi
     # Given no outcome for longer than the give-up time
     from datetime import timedelta
 
-    from worker.ledger import mark
+    from worker.attempts import get_attempt, mark_attempt
 
-    mark(runtime.engine(), payment.id, sent_at=monkey_old.sent_at - timedelta(hours=4))  # type: ignore[operator]
+    assert monkey_old.guard_token is not None
+    attempt = get_attempt(runtime.engine(), monkey_old.guard_token)
+    assert attempt is not None and attempt.sent_at is not None
+    # The attempt's own send time decides the age (polls refresh updated_at, never this).
+    mark_attempt(runtime.engine(), attempt.id, sent_at=attempt.sent_at - timedelta(hours=4))
     queued = StatusResult(TransactionStatus.QUEUED, "E8UWT7CLUW", None, None, None, "queued", None)
     assert settle_from_status(reload(payment), queued) == "gave-up"
     stored = reload(payment)

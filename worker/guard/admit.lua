@@ -2,12 +2,20 @@
 -- ARGV: 2 phone, 3 token (ARGV[1] and KEYS: see lib.lua)
 -- Returns one integer (a small reply on the hot path): 0 admitted; -1 the token already holds a reservation for
 -- another number; otherwise (retry_ms + 1) * 8 + reason, reason 1 phone blocked, 2 phone busy, 3 account budget,
--- 4 account restricted, and retry_ms -1 when only a resolve can help.
+-- 4 account restricted, 5 the guard's state is gone (no marker 'e'), and retry_ms -1 when only a resolve (or a
+-- rebuild) can help.
 local state, window_key = KEYS[1], KEYS[2]
 local phone, reservation = ARGV[2], 't:' .. ARGV[3]
 
--- One read: the token's reservation, the number's state, in flight, restriction, latest block end, TTL due.
-local got = redis.call('HMGET', state, reservation, phone, 'n', 'ru', 'bz', 'x')
+-- One read: the token's reservation, the number's state, in flight, restriction, latest block end, TTL due, and
+-- the rebuild marker.
+local got = redis.call('HMGET', state, reservation, phone, 'n', 'ru', 'bz', 'x', 'e')
+
+-- No marker: Redis lost the state (a restart without data, a failover that lost writes). Counting from zero
+-- would spend a budget the provider still counts: refuse until the state is rebuilt from the ledger.
+if not got[7] then
+  return 5
+end
 
 -- A redelivered task admits again with the same token: it already holds the reservation.
 if got[1] then

@@ -79,6 +79,7 @@ class RefusalReason(StrEnum):
     ACCOUNT_BUDGET = "account_budget"  # window + in flight reach the limit
     ACCOUNT_RESTRICTED = "account_restricted"  # retry_after is exact
     GUARD_UNAVAILABLE = "guard_unavailable"  # Redis could not answer: fail closed
+    GUARD_REBUILDING = "guard_rebuilding"  # the state is gone (no marker) until rebuilt from the ledger
 
 
 _REASON_BY_CODE = {
@@ -86,7 +87,10 @@ _REASON_BY_CODE = {
     2: RefusalReason.PHONE_BUSY,
     3: RefusalReason.ACCOUNT_BUDGET,
     4: RefusalReason.ACCOUNT_RESTRICTED,
+    5: RefusalReason.GUARD_REBUILDING,
 }
+# Retry hint while the state is being rebuilt: beat rebuilds within a dispatch interval or two.
+REBUILD_POLL_S = 2.0
 
 
 class GuardUnavailable(RuntimeError):
@@ -238,6 +242,8 @@ class Guard:
         self._restrict_script = redis.register_script(_script_text("restrict"))
         self._block_script = redis.register_script(_script_text("block"))
         self._snapshot_script = redis.register_script(_script_text("snapshot"))
+        self._rebuild_script = redis.register_script(_script_text("rebuild"))
+        self._dump_script = redis.register_script(_script_text("dump"))
 
     # -- the two hot paths -------------------------------------------------------------------------------------
 
@@ -262,6 +268,8 @@ class Guard:
             raise ValueError("token already holds a reservation for another number")
         retry_plus_one, code = divmod(answer, 8)
         retry_after = self.limits.busy_poll_s if retry_plus_one == 0 else (retry_plus_one - 1) / 1000
+        if code == 5:
+            retry_after = min(REBUILD_POLL_S, self.limits.busy_poll_s)
         return Decision(False, _REASON_BY_CODE[code], retry_after)
 
     def resolve(self, token: str, outcome: Outcome) -> bool:
