@@ -27,6 +27,7 @@ depends_on: str | Sequence[str] | None = None
 ATTEMPT_OUTCOMES = ("SUCCESS", "FAILURE", "RELEASED", "REFUSED", "REVERTED")
 BLOCK_KINDS = ("ACCOUNT", "PHONE")
 IN_FLIGHT = ("SENDING", "AWAITING_CALLBACK", "UNKNOWN")
+PAYMENT_STATES = ("PENDING", "DEFERRED", *IN_FLIGHT, "SUCCEEDED", "FAILED", "CANCELLED", "REJECTED")
 
 
 def upgrade() -> None:
@@ -71,7 +72,8 @@ def _carry_over_payments() -> None:
         sa.column("id", sa.String),
         sa.column("account", sa.String),
         sa.column("queue", sa.String),
-        sa.column("state", sa.String),
+        # The types the columns have (PostgreSQL compares an enum column only with its own type).
+        sa.column("state", sa.Enum(*PAYMENT_STATES, name="paymentstate", create_type=False)),
         sa.column("guard_token", sa.String),
         sa.column("provider_reference", sa.String),
         sa.column("checkout_request_id", sa.String),
@@ -87,7 +89,7 @@ def _carry_over_payments() -> None:
             for name in ("id", "payment_id", "account", "lane", "provider_reference", "checkout_request_id")
         ),
         sa.column("number", sa.Integer),
-        sa.column("outcome", sa.String),
+        sa.column("outcome", sa.Enum(*ATTEMPT_OUTCOMES, name="attemptoutcome", create_type=False)),
         *(
             sa.column(name, UTCDateTime())
             for name in ("created_at", "sent_at", "outcome_at", "guard_resolved_at")
