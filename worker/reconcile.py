@@ -33,6 +33,7 @@ __all__ = [
     "admit",
     "ensure_guard_state",
     "keep_guard",
+    "last_drift",
     "pay_owed",
     "rebuild_guard",
     "tell_guard",
@@ -278,3 +279,13 @@ def _publish(drift: Drift) -> None:
         )
     except Exception as error:  # a lost report must never fail the comparison
         log.debug("verify result not published (%s)", type(error).__name__)
+
+
+def last_drift() -> int | None:
+    """The drift count of the latest comparison (any process's), or None if none ran within DRIFT_TTL_S."""
+    account = runtime.settings().upesipay_account
+    stored = runtime.redis_client().get(f"stkpush:{{{account}}}:verify")
+    if stored is None:
+        return None
+    text = stored.decode() if isinstance(stored, bytes) else str(stored)
+    return int(text.split(":", 1)[0])

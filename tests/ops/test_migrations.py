@@ -26,7 +26,6 @@ from worker.migrations import (
     upgrade,
 )
 
-
 LEDGER_TABLES = {"payment", "batch", "send_attempt", "guard_block"}
 
 
@@ -221,7 +220,9 @@ def test_send_attempts_migration_carries_existing_payments_over(empty_engine: En
                 text("SELECT payment_id, id, lane, outcome, sent_at, guard_resolved_at FROM send_attempt")
             )
         }
-        tokens = dict(connection.execute(text("SELECT id, guard_token FROM payment")).all())  # type: ignore[arg-type]
+        tokens = {
+            row.id: row.guard_token for row in connection.execute(text("SELECT id, guard_token FROM payment"))
+        }
     assert set(attempts) == {"p_await", "p_unknown", "p_ok", "p_cancel", "p_unsent"}
     assert attempts["p_await"].id == "p_await.ab12" and attempts["p_await"].outcome is None
     assert attempts["p_unknown"].outcome is None and attempts["p_unknown"].guard_resolved_at is None

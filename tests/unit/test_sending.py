@@ -86,7 +86,10 @@ def test_201_awaits_the_callback_and_holds_the_reservation(provider: Provider) -
     assert (stored.provider_reference, stored.checkout_request_id) == ("E8UWT7CLUW", "ws_CO_1")
     assert runtime.guard().phone_snapshot(payment.phone).in_flight == 1
     body = provider.pushes[0].read()
-    assert b'"phone_number": "0712345678"' in body and b"/callbacks/upesipay/attempts/" + stored.guard_token.encode() in body
+    assert (
+        b'"phone_number": "0712345678"' in body
+        and b"/callbacks/upesipay/attempts/" + stored.guard_token.encode() in body
+    )
 
 
 def test_a_second_delivery_of_the_same_message_sends_nothing(provider: Provider) -> None:

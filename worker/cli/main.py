@@ -91,18 +91,26 @@ def status(external_reference: str, as_json: bool) -> None:
     """Show one payment by its external reference."""
     from worker import runtime
     from worker.ledger import find_by_reference
-    from worker.web.access import payment_view
+    from worker.web.access import history_view
 
     payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
     if payment is None:
         fail("no payment with that external_reference", code=1)
         return
-    view = payment_view(payment)
+    view = history_view(payment)
     if as_json:
         click.echo(json.dumps(view))
         return
+    attempts = view.pop("attempts")
     for key, value in view.items():
         click.echo(f"{key:>20}: {value}")
+    for attempt in attempts:
+        ended = attempt["outcome"] or "in flight"
+        told = "guard told" if attempt["guard_told_at"] else "guard owed"
+        click.echo(
+            f"{'attempt ' + str(attempt['number']):>20}: {ended} (claimed {attempt['claimed_at']}, "
+            f"sent {attempt['sent_at']}, {told}){' <- current' if attempt['current'] else ''}"
+        )
 
 
 class GuardGroup(click.Group):
