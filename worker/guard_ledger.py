@@ -5,7 +5,8 @@ Derived from send attempts and recorded provider blocks alone (DESIGN: the ledge
 - the window's failures at their outcome times;
 - each number's current streak, by replaying its outcomes with the guard's own time rules (lib.lua,
   phone_state): a success resets it, a streak at the limit rests `cooldown`, one below it is forgotten after
-  `memory`; a failure later taken back by a late success (REVERTED) counts as neither;
+  `memory`; a failure later taken back by a late success (REVERTED) counts as neither (but still for the
+  restriction it may have caused when it happened);
 - the restriction the window's history caused (the tier crossings) and the provider's own, and its blocks.
 """
 
@@ -64,7 +65,7 @@ def implied_image(engine: Engine, account: str, limits: GuardLimits, now_ms: int
             .join(SendAttempt, col(Payment.id) == col(SendAttempt.payment_id))
             .where(
                 col(SendAttempt.account) == account,
-                col(SendAttempt.outcome) == AttemptOutcome.FAILURE,
+                col(SendAttempt.outcome).in_([AttemptOutcome.FAILURE, AttemptOutcome.REVERTED]),
                 col(SendAttempt.outcome_at) > lookback,
             )
             .distinct()
@@ -85,7 +86,9 @@ def implied_image(engine: Engine, account: str, limits: GuardLimits, now_ms: int
                 .where(
                     col(SendAttempt.account) == account,
                     col(Payment.phone).in_(chunk),
-                    col(SendAttempt.outcome).in_([AttemptOutcome.FAILURE, AttemptOutcome.SUCCESS]),
+                    col(SendAttempt.outcome).in_(
+                        [AttemptOutcome.FAILURE, AttemptOutcome.SUCCESS, AttemptOutcome.REVERTED]
+                    ),
                 )
             ).all():
                 assert outcome is not None and outcome_at is not None
@@ -127,6 +130,11 @@ def implied_image(engine: Engine, account: str, limits: GuardLimits, now_ms: int
         streak, last, run_seq = _forget(streak, last, run_seq, at, limits)
         if outcome == AttemptOutcome.SUCCESS:
             streak, last, run_seq = 0, 0, 0
+        elif outcome == AttemptOutcome.REVERTED:
+            # Taken back from the window and the streak, but the guard counted it when it happened: a
+            # restriction its failure caused still stands (the stricter reading).
+            image.seq += 1
+            failure_times.append(at)
         else:
             image.seq += 1
             if streak == 0:
