@@ -18,6 +18,7 @@ from sqlmodel import col, select
 from worker import metrics, runtime
 from worker.attempts import end_attempt, get_attempt, revert_attempt
 from worker.dispatch import publish_payment, release_freed
+from worker.guard import GuardUnavailable
 from worker.ledger import (
     AttemptOutcome,
     Payment,
@@ -63,8 +64,11 @@ def finish(payment: Payment, state: PaymentState, attempt_id: str | None = None,
     outcome = AttemptOutcome.SUCCESS if state == PaymentState.SUCCEEDED else AttemptOutcome.FAILURE
     ended = end_attempt(engine, attempt_id, outcome, payment_from=SETTLEABLE, payment_to=state, **fields)
     if ended.attempt_ended:
-        tell_guard(attempt_id, outcome)
-        release_freed(payment.phone)
+        if tell_guard(attempt_id, outcome):
+            try:
+                release_freed(payment.phone)
+            except GuardUnavailable:
+                pass  # beat releases it on a later tick; the payment's own ending is already recorded
         if ended.payment_moved:
             log.info("payment %s settled %s", payment.id, state.value)
         else:

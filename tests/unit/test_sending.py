@@ -254,3 +254,97 @@ def test_unknown_with_no_trace_at_upesipay_is_sent_again(
 
 def test_guard_outcome_names_match_the_design() -> None:
     assert {o.value for o in Outcome} == {"success", "failure", "released"}
+
+
+# ---- send attempts: each ending changes only its own attempt ----------------------------------------------------
+
+FAILED_STATUS = StatusResult(TransactionStatus.FAILED, "E8UWT7CLUW", None, None, None, "failed", None)
+
+
+def test_duplicate_settlement_pass_counts_once(provider: Provider) -> None:
+    payment = new_payment()
+    send_payment(payment.id)
+    stale = reload(payment)  # what both passes read
+    assert settle_from_status(stale, FAILED_STATUS) == "failed"
+    assert settle_from_status(stale, FAILED_STATUS) == "unchanged"
+    snapshot = runtime.guard().account_snapshot()
+    assert (snapshot.failures_in_window, snapshot.in_flight) == (1, 0)
+    assert reload(payment).state == PaymentState.FAILED
+
+
+def test_racing_settlement_passes_settle_once(provider: Provider) -> None:
+    import threading
+
+    payment = new_payment()
+    send_payment(payment.id)
+    stale = reload(payment)
+    start, results = threading.Barrier(2), []
+
+    def settle_pass() -> None:
+        start.wait()
+        results.append(settle_from_status(stale, FAILED_STATUS))
+
+    passes = [threading.Thread(target=settle_pass) for _ in range(2)]
+    for thread in passes:
+        thread.start()
+    for thread in passes:
+        thread.join()
+    assert sorted(results) == ["failed", "unchanged"]
+    assert runtime.guard().account_snapshot().failures_in_window == 1
+    from worker.attempts import attempts_of
+
+    (attempt,) = attempts_of(runtime.engine(), payment.id)
+    assert attempt.outcome is not None and attempt.outcome.value == "failure" and attempt.guard_resolved_at
+
+
+def test_late_callback_and_stale_pass_of_an_earlier_attempt_leave_the_current_one_alone(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from worker.attempts import attempts_of
+    from worker.signing import attempt_callback_url
+    from worker.web.app import create_app
+
+    # Given attempt 1 whose outcome was unknown, found absent at UpesiPay and sent again as attempt 2
+    provider.handler = lambda _r: httpx.Response(503, text="unavailable")
+    payment = new_payment()
+    send_payment(payment.id)
+    first = reload(payment)
+    monkeypatch.setattr("worker.settlement.publish_payment", lambda *_a, **_kw: True)
+    missing = StatusResult(TransactionStatus.NOT_FOUND, None, None, None, None, "no such request", None)
+    assert settle_from_status(first, missing) == "resent"
+    provider.handler = accepted
+    assert send_payment(payment.id) == (SendResult.ACCEPTED, None)
+    current = reload(payment)
+    assert first.guard_token and current.guard_token and current.guard_token != first.guard_token
+    # When attempt 1's callback arrives late, at the URL that names it, and a stale settlement pass of it runs
+    body = {
+        "response": {
+            "Amount": 100,
+            "CheckoutRequestID": None,
+            "ExternalReference": "INV-1",
+            "Phone": "+254712345678",
+            "ResultCode": 1032,
+            "ResultDesc": "cancelled",
+        }
+    }
+    url = attempt_callback_url(runtime.settings(), first.guard_token).replace("http://callbacks.test", "")
+    answer = TestClient(create_app()).post(url, json=body)
+    assert answer.status_code == 200 and answer.json()["status"] == "duplicate"
+    assert settle_from_status(first, FAILED_STATUS) == "unchanged"
+    # Then attempt 2 is still the one in flight, untouched, and the guard counted nothing
+    after = reload(payment)
+    assert (after.state, after.guard_token) == (PaymentState.AWAITING_CALLBACK, current.guard_token)
+    one, two = attempts_of(runtime.engine(), payment.id)
+    assert (one.number, one.outcome and one.outcome.value) == (1, "released")
+    assert (two.number, two.outcome) == (2, None)
+    snapshot = runtime.guard().account_snapshot()
+    assert (snapshot.failures_in_window, snapshot.in_flight) == (0, 1)
+    # And attempt 2's own callback settles it
+    body["response"]["CheckoutRequestID"] = "ws_CO_1"
+    url = attempt_callback_url(runtime.settings(), current.guard_token).replace("http://callbacks.test", "")
+    answer = TestClient(create_app()).post(url, json=body)
+    assert answer.status_code == 200 and answer.json()["status"] == "applied"
+    assert reload(payment).state == PaymentState.CANCELLED
+    assert runtime.guard().account_snapshot().failures_in_window == 1

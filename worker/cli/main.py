@@ -124,7 +124,7 @@ class GuardGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
-@main.group(cls=GuardGroup, invoke_without_command=True)
+@main.group(cls=GuardGroup, invoke_without_command=True, context_settings={"ignore_unknown_options": True})
 @click.pass_context
 def guard(ctx: click.Context) -> None:
     """The abuse guard: show it (`stkpush guard [PHONE]`), rebuild it from the ledger, verify it."""
