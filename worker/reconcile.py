@@ -58,6 +58,8 @@ _GUARD_CALL = {
     # A late success took back an assumed failure: release the reservation if it was never resolved, and take
     # the failure back if it was counted. Both are no-ops when already done.
     AttemptOutcome.REVERTED: Outcome.RELEASED,
+    # A refusal reserved nothing, unless a rebuild read the attempt while it was still open: then release it.
+    AttemptOutcome.REFUSED: Outcome.RELEASED,
 }
 
 

@@ -23,6 +23,8 @@ from worker.upesipay import PushOutcome, PushRequest, PushResult, RestrictionSco
 
 log = logging.getLogger("stkpush.sending")
 
+# Refusals during which a rebuild may be reading the ledger: the attempt is released rather than just refused.
+UNSURE_REFUSALS = frozenset({RefusalReason.GUARD_REBUILDING, RefusalReason.GUARD_UNAVAILABLE})
 # When UpesiPay says "rate limited" without a Retry-After, wait this long before asking again.
 DEFAULT_RATE_LIMIT_WAIT_S = 60.0
 
@@ -94,7 +96,13 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
     metrics.record_guard_decision(decision)
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
-        defer(token, decision.retry_after, guard_refusal_reason(reason))
+        if reason in UNSURE_REFUSALS:
+            # A rebuild running now may have read this attempt while it was open and reserved it: the guard
+            # is told to release it (now, or by beat if Redis is still away).
+            if defer(token, decision.retry_after, guard_refusal_reason(reason), AttemptOutcome.RELEASED):
+                tell_guard(token, AttemptOutcome.RELEASED)
+        else:
+            defer(token, decision.retry_after, guard_refusal_reason(reason))
         log.info(
             "payment %s deferred by the guard (%s) for %.0fs", payment.id, reason.value, decision.retry_after
         )
