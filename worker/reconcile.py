@@ -227,8 +227,12 @@ def verify_guard(repair: bool = False) -> Drift:
     window_start = live.now_ms - round(guard.limits.account_window_s * 1000) + SETTLING_MS
     recent = {token for token, (_, at, _) in view.finished.items() if at > settled_before}
 
+    # A failure told late (an owed resolve paid by beat) carries the payment's time in the guard and its outcome
+    # time in the ledger: it is left out of both counts until both times have settled.
+    recent |= {f.token for f in live.failures if f.at_ms > settled_before}
+
     def settled(failures: list[recovery.Failure]) -> int:
-        return sum(1 for f in failures if window_start < f.at_ms <= settled_before and f.token not in recent)
+        return sum(1 for f in failures if window_start < f.at_ms and f.token not in recent)
 
     live_failures, ledger_failures = settled(live.failures), settled(image.failures)
     if live_failures != ledger_failures:
