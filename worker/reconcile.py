@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from sqlmodel import col, select
 
 from worker import runtime
-from worker.attempts import mark_guard_told
+from worker.attempts import get_attempt, mark_guard_told
 from worker.faults import fail_point
 from worker.guard import Decision, GuardLimits, GuardUnavailable, Outcome, RefusalReason, recovery
-from worker.guard_ledger import LedgerView, implied_image
+from worker.guard_ledger import LedgerView, implied_image, ms_of
 from worker.ledger import AttemptOutcome, SendAttempt, session_scope, utcnow
 from worker.phones import mask_phone
 
@@ -50,6 +51,8 @@ SETTLING_MS = 3000
 # keeps a second one harmless anyway.
 REBUILD_LOCK_MS = 30_000
 OWED_LIMIT = 500
+# How long (tenths of a second) a refused admit waits for another process's rebuild before deferring.
+REBUILD_WAIT_POLLS = 20
 
 _GUARD_CALL = {
     AttemptOutcome.SUCCESS: Outcome.SUCCESS,
@@ -152,7 +155,8 @@ def rebuild_guard(force: bool = False) -> bool:
 
 
 def ensure_guard_state() -> bool:
-    """Beat's check (and a refused admit's): rebuild at once when the marker is gone. True if rebuilt."""
+    """Beat's check (and a refused admit's): rebuild at once when the marker is gone. True once the state is
+    back (rebuilt here, or by another process while this one waited)."""
     guard = runtime.guard()
     if recovery.has_state(guard):
         return False
@@ -162,6 +166,11 @@ def ensure_guard_state() -> bool:
     lock = f"stkpush:{{{guard.account}}}:rebuild-lock"
     client = runtime.redis_client()
     if not client.set(lock, "1", nx=True, px=REBUILD_LOCK_MS):
+        # Another process is rebuilding: wait a moment for it rather than refuse at once.
+        for _ in range(REBUILD_WAIT_POLLS):
+            time.sleep(0.1)
+            if recovery.has_state(guard):
+                return True
         return False
     try:
         return rebuild_guard()
@@ -204,13 +213,15 @@ def verify_guard(repair: bool = False) -> Drift:
 
     # Reservations. One whose attempt ended a while ago leaked (a resolve lost after the ledger moved).
     expected = {reservation.token for reservation in image.reservations}
+    settling_phones: set[str] = set()  # numbers whose reservation's ending may still be on its way
     for token in sorted(set(live.reservations) - expected):
-        ended = view.finished.get(token)
+        ended = view.finished.get(token) or _ended(token)
         if ended is None:
             drift.items.append(f"reservation {token}: no such attempt in flight in the ledger")
             continue
         outcome, at_ms, _told = ended
         if at_ms > settled_before:
+            settling_phones.add(live.reservations[token])
             continue
         drift.items.append(f"reservation {token}: its attempt ended ({outcome.value}) but it is still held")
         if repair:
@@ -240,7 +251,7 @@ def verify_guard(repair: bool = False) -> Drift:
 
     # Streaks and busy numbers, for numbers with nothing on its way to the guard.
     unsettled_phones = {f.phone for f in image.failures if f.token in recent}
-    unsettled_phones |= {r.phone for r in image.reservations if r.token in recent}
+    unsettled_phones |= {r.phone for r in image.reservations if r.token in recent} | settling_phones
     limits = guard.limits
     for phone in sorted((set(live.phones) | set(image.phones)) - unsettled_phones):
         held = live.phones.get(phone, recovery.PhoneImage(0, 0, 0, 0))
@@ -263,6 +274,14 @@ def verify_guard(repair: bool = False) -> Drift:
             drift.items.append(f"number {mask_phone(phone)}: provider block differs from the ledger's")
     _publish(drift)
     return drift
+
+
+def _ended(attempt_id: str) -> tuple[AttemptOutcome, int, bool] | None:
+    """An attempt's ending straight from the ledger (the image lists only endings that shape the state)."""
+    attempt = get_attempt(runtime.engine(), attempt_id)
+    if attempt is None or attempt.outcome is None or attempt.outcome_at is None:
+        return None
+    return AttemptOutcome(attempt.outcome), ms_of(attempt.outcome_at), attempt.guard_resolved_at is not None
 
 
 def _effective_streak(held: recovery.PhoneImage, now_ms: int, limits: GuardLimits) -> int:

@@ -348,3 +348,38 @@ def test_late_callback_and_stale_pass_of_an_earlier_attempt_leave_the_current_on
     assert answer.status_code == 200 and answer.json()["status"] == "applied"
     assert reload(payment).state == PaymentState.CANCELLED
     assert runtime.guard().account_snapshot().failures_in_window == 1
+
+
+def test_verify_reports_and_repairs_only_a_reservation_whose_attempt_ended(provider: Provider) -> None:
+    from datetime import timedelta
+
+    from worker import reconcile
+    from worker.attempts import end_attempt, mark_attempt
+    from worker.ledger import AttemptOutcome, utcnow
+
+    # Given a send whose attempt the ledger ended (released, and noted as told) while the guard kept its
+    # reservation: a rebuild that read the attempt while it was still open
+    payment = new_payment()
+    send_payment(payment.id)
+    token = reload(payment).guard_token
+    assert token is not None
+    assert reconcile.verify_guard().count == 0
+    ended = end_attempt(
+        runtime.engine(),
+        token,
+        AttemptOutcome.RELEASED,
+        payment_from=[PaymentState.AWAITING_CALLBACK],
+        payment_to=PaymentState.PENDING,
+        guard_told=True,
+        guard_token=None,
+    )
+    assert ended.attempt_ended and ended.payment_moved
+    assert reconcile.verify_guard().count == 0  # within the settling time: it may be on its way
+    mark_attempt(runtime.engine(), token, outcome_at=utcnow() - timedelta(seconds=10))
+    # When beat verifies
+    drift = reconcile.verify_guard(repair=True)
+    # Then it names the leak, releases it, and the guard agrees with the ledger afterwards
+    assert drift.repaired == 1 and any(token in item for item in drift.items)
+    snapshot = runtime.guard().account_snapshot()
+    assert (snapshot.in_flight, snapshot.failures_in_window) == (0, 0)
+    assert reconcile.verify_guard().count == 0
