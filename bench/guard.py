@@ -25,7 +25,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.guard import Guard, GuardLimits, Lane, Outcome
+from worker.guard import Guard, GuardLimits, Lane, Outcome, recovery
 from worker.local.embedded_redis import EmbeddedRedis
 
 # Throughput runs: every admit is admitted (the full path: checks, reservation, phone update, TTLs), so the
@@ -74,6 +74,7 @@ def limits_workload(url: str, rep: int, ops: int) -> Workload:
 
 def admit_workload(client: redis.Redis, rep: int, ops: int) -> Workload:
     guard = Guard(client, f"admit{rep}", THROUGHPUT_LIMITS)
+    recovery.start_empty(guard)
     numbers = fresh_numbers(rep, ops)
 
     def step(i: int) -> None:
@@ -86,6 +87,7 @@ def admit_workload(client: redis.Redis, rep: int, ops: int) -> Workload:
 def cycle_workload(client: redis.Redis, rep: int, ops: int) -> Workload:
     """Admit, then resolve as success, failure or release in turn (a third of them leave a streak behind)."""
     guard = Guard(client, f"cycle{rep}", THROUGHPUT_LIMITS)
+    recovery.start_empty(guard)
     numbers = fresh_numbers(rep, ops)
     outcomes = (Outcome.SUCCESS, Outcome.FAILURE, Outcome.RELEASED)
 
@@ -122,6 +124,7 @@ def bytes_per_number(client: redis.Redis, numbers: int) -> tuple[float, int, int
     now = [1_700_000_000.0]
     limits = GuardLimits(phone_memory_s=3650 * 86400)
     guard = Guard(client, "mem", limits, clock=lambda: now[0])
+    recovery.start_empty(guard)
     batch = limits.account_failure_limit - 1
     before = int(client.info("memory")["used_memory"])
     for start in range(0, numbers, batch):

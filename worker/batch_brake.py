@@ -23,6 +23,7 @@ from sqlalchemy import Connection, func, select, update
 from sqlmodel import col
 
 from worker import runtime
+from worker.attempts import open_attempt
 from worker.ledger import WAITING_STATES, Batch, Payment, PaymentState, utcnow
 from worker.logs import log_state_change
 
@@ -119,6 +120,8 @@ def claim(payment: Payment, token: str) -> Claim:
             .where(col(Payment.id) == payment.id, col(Payment.state) == PaymentState.PENDING)
             .values(**values)
         ).rowcount
+        if moved == 1 and reason is None:
+            open_attempt(connection, payment.id, token, now)
     if moved != 1:
         return Claim.NOT_CLAIMABLE
     log_state_change(payment.id, to_state.value, reason)

@@ -84,6 +84,8 @@ class Payment(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=500)  # why it is deferred, rejected, failed
     attempts: int = 0  # sends that consumed a retry (connection failures); guard waits never do
     next_attempt_at: datetime | None = Field(default=None, index=True)
+    # The id of the current send attempt (worker.attempts): the guard token, and the attempt every transition
+    # caused by a send must still be current for. Kept while the payment is in flight and once it ended.
     guard_token: str | None = Field(default=None, max_length=64)
     # Not sent by then: EXPIRED instead (a customer who left the checkout must not be prompted). None: no deadline.
     expires_at: datetime | None = None
@@ -104,6 +106,60 @@ class Payment(SQLModel, table=True):
     queued_at: datetime | None = None
     sent_at: datetime | None = None
     settled_at: datetime | None = None
+
+
+class AttemptOutcome(StrEnum):
+    """How one send attempt ended, in the guard's terms (worker.attempts maps each to a guard call)."""
+
+    SUCCESS = "success"  # the customer paid: the number's streak resets
+    FAILURE = (
+        "failure"  # failed, cancelled, rejected, or assumed failed: counted in the window and the streak
+    )
+    RELEASED = (
+        "released"  # nothing reached the customer (not sent, rate limited, provably unknown to UpesiPay)
+    )
+    REFUSED = "refused"  # the guard (or a pause) said not yet: nothing was reserved, nothing is owed
+    REVERTED = "reverted"  # a late success took back an assumed failure: neither a failure nor a reset
+
+
+class SendAttempt(SQLModel, table=True):
+    """One push attempt of a payment. Its id is the guard token; the ledger owes the guard its outcome until
+    `guard_resolved_at` says the guard was told (worker.reconcile pays what is owed)."""
+
+    __tablename__ = "send_attempt"
+
+    id: str = Field(primary_key=True, max_length=64)
+    payment_id: str = Field(max_length=32, index=True, foreign_key="payment.id")
+    account: str = Field(max_length=64, index=True)
+    number: int  # 1 for the payment's first attempt
+    lane: str = Field(default="single", max_length=16)  # the payment's queue when it was claimed
+    # Set once, at the claim: the age settlement and the give-up rule use when nothing was recorded as sent.
+    created_at: datetime = Field(default_factory=utcnow)
+    sent_at: datetime | None = None  # UpesiPay answered (201, or an ambiguous answer)
+    provider_reference: str | None = Field(default=None, max_length=64)
+    checkout_request_id: str | None = Field(default=None, max_length=100)
+    outcome: AttemptOutcome | None = Field(default=None, max_length=16, index=True)
+    outcome_at: datetime | None = Field(default=None, index=True)
+    guard_resolved_at: datetime | None = Field(default=None, index=True)
+
+
+class GuardBlockKind(StrEnum):
+    ACCOUNT = "account"  # the provider restricted the whole account
+    PHONE = "phone"  # the provider blocked one number for this account
+
+
+class GuardBlock(SQLModel, table=True):
+    """A restriction or block the provider announced, kept so that a guard rebuilt from the ledger has it."""
+
+    __tablename__ = "guard_block"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account: str = Field(max_length=64, index=True)
+    kind: GuardBlockKind = Field(max_length=16)
+    phone: str | None = Field(default=None, max_length=12)  # personal data: never logged unmasked
+    until: datetime = Field(index=True)
+    reason: str = Field(max_length=120)  # masked, as the guard stores it
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class BatchState(StrEnum):
@@ -202,16 +258,21 @@ def transition(
     payment_id: str,
     from_states: Iterable[PaymentState],
     to_state: PaymentState,
+    *,
+    attempt_id: str | None = None,
     **fields: Any,
 ) -> bool:
-    """Move one payment from any of `from_states` to `to_state`; True only if this call moved it."""
+    """Move one payment from any of `from_states` to `to_state`; True only if this call moved it.
+
+    With `attempt_id`, only while that attempt is still the payment's current one (its guard_token)."""
     allowed = [state.value for state in from_states]
     values = {"state": to_state, "updated_at": utcnow(), **fields}
     if to_state in TERMINAL_STATES and "settled_at" not in fields:
         values["settled_at"] = values["updated_at"]
-    statement = (
-        update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(allowed)).values(**values)
-    )
+    statement = update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(allowed))
+    if attempt_id is not None:
+        statement = statement.where(col(Payment.guard_token) == attempt_id)
+    statement = statement.values(**values)
     with engine.begin() as connection:
         moved = bool(connection.execute(statement).rowcount == 1)
     if moved:

@@ -136,12 +136,14 @@ def check_against(payment: Payment, callback: ProviderCallback) -> None:
         raise CallbackProblem("MpesaReceiptNumber", "is required when ResultCode is 0")
 
 
-def apply_callback(payment: Payment, callback: ProviderCallback) -> bool:
-    """Settle the payment from a callback already checked against it; True if this call settled it."""
+def apply_callback(payment: Payment, callback: ProviderCallback, attempt_id: str | None = None) -> bool:
+    """Settle the attempt (default: the payment's current one) from a callback already checked against it; True
+    if this call settled it."""
     state = state_for_result(callback.result_code)
     return finish(
         payment,
         state,
+        attempt_id,
         result_code=callback.result_code,
         result_desc=callback.result_desc[:DESC_MAX],
         receipt=callback.receipt if callback.result_code == RESULT_SUCCESS else None,

@@ -21,6 +21,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": every * 5,
             "options": {"expires": every * 5},
         },
+        "verify-guard": {
+            "task": "stkpush.dispatch.verify_guard",
+            "schedule": every * 10,
+            "options": {"expires": every * 10},
+        },
         "settle": {
             "task": "stkpush.dispatch.settle",
             "schedule": every * 2,

@@ -5,26 +5,29 @@ The table "What an answer proves" in docs/ARCHITECTURE.md says what each answer 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import secrets
-import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from pathlib import Path
+from typing import Any
 
 from worker import batch_brake, bulk_turns, metrics, runtime
+from worker.attempts import claim_for_send, end_attempt, record_guard_block, record_sent
 from worker.dispatch import expire, guard_refusal_reason
-from worker.guard import Lane, Outcome, RefusalReason
-from worker.ledger import Payment, PaymentState, get_payment, mark, transition, utcnow
+from worker.faults import fail_point
+from worker.guard import Lane, RefusalReason
+from worker.ledger import AttemptOutcome, GuardBlockKind, Payment, PaymentState, get_payment, utcnow
 from worker.phones import mask_phone
 from worker.provider_callback import apply_held
-from worker.signing import callback_url
+from worker.reconcile import admit, tell_guard
+from worker.signing import attempt_callback_url
 from worker.upesipay import PushOutcome, PushRequest, PushResult, RestrictionScope
 
 log = logging.getLogger("stkpush.sending")
 
+# Refusals during which a rebuild may be reading the ledger: the attempt is released rather than just refused.
+UNSURE_REFUSALS = frozenset({RefusalReason.GUARD_REBUILDING, RefusalReason.GUARD_UNAVAILABLE})
 # When UpesiPay says "rate limited" without a Retry-After, wait this long before asking again.
 DEFAULT_RATE_LIMIT_WAIT_S = 60.0
 
@@ -61,16 +64,19 @@ def backoff_s(attempt: int) -> float:
     return countdown
 
 
-def defer(payment: Payment, seconds: float, reason: str, from_state: PaymentState) -> None:
-    transition(
+def defer(token: str, seconds: float, reason: str, outcome: AttemptOutcome = AttemptOutcome.REFUSED) -> bool:
+    """End the attempt `token` and put its payment back to wait in the database (DEFERRED)."""
+    return end_attempt(
         runtime.engine(),
-        payment.id,
-        [from_state],
-        PaymentState.DEFERRED,
+        token,
+        outcome,
+        payment_from=[PaymentState.SENDING],
+        payment_to=PaymentState.DEFERRED,
+        guard_told=outcome == AttemptOutcome.REFUSED,
         next_attempt_at=utcnow() + timedelta(seconds=max(seconds, 0.0)),
         reason=reason[:500],
         guard_token=None,
-    )
+    ).payment_moved
 
 
 def lane_of(payment: Payment) -> Lane:
@@ -101,16 +107,21 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         return SendResult.NOT_CLAIMABLE, None
 
     fail_point("after-claim")
-    guard = runtime.guard()
     pause = runtime.credentials_pause().remaining_s()
     if pause > 0:
-        defer(payment, pause, "sending paused: UpesiPay refused the credentials", PaymentState.SENDING)
+        defer(token, pause, "sending paused: UpesiPay refused the credentials")
         return SendResult.PAUSED, None
-    decision = guard.admit(payment.phone, token, lane_of(payment))
+    decision = admit(payment.phone, token, lane_of(payment))
     metrics.record_guard_decision(decision)
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
-        defer(payment, decision.retry_after, guard_refusal_reason(reason), PaymentState.SENDING)
+        if reason in UNSURE_REFUSALS:
+            # A rebuild running now may have read this attempt while it was open and reserved it: the guard
+            # is told to release it (now, or by beat if Redis is still away).
+            if defer(token, decision.retry_after, guard_refusal_reason(reason), AttemptOutcome.RELEASED):
+                tell_guard(token, AttemptOutcome.RELEASED)
+        else:
+            defer(token, decision.retry_after, guard_refusal_reason(reason))
         log.info(
             "payment %s deferred by the guard (%s) for %.0fs", payment.id, reason.value, decision.retry_after
         )
@@ -124,7 +135,7 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
             channel_id=payment.channel_id,
             external_reference=payment.external_reference,
             customer_name=payment.customer_name,
-            callback_url=callback_url(settings, payment.id),
+            callback_url=attempt_callback_url(settings, token),
         )
     )
     fail_point("after-send")
@@ -138,87 +149,64 @@ def _claim(payment: Payment) -> tuple[SendResult | None, str | None]:
         # The customer has likely left the checkout: a late prompt would only confuse (or be paid twice).
         return (SendResult.EXPIRED if expire(payment.id) else None), None
     token = f"{payment.id}.{secrets.token_hex(4)}"
-    # The claim is the only way into SENDING: a redelivered message, or a second worker, finds the row already
-    # claimed (or past it) and sends nothing. A batch row's claim also asks its batch's brake.
+    # The claim is the only way into SENDING, and it opens the attempt in the same transaction: a redelivered
+    # message, or a second worker, finds the row already claimed (or past it) and sends nothing. A batch row's
+    # claim also asks its batch's brake.
     if payment.batch_id is not None:
         claimed = batch_brake.claim(payment, token)
         if claimed in (batch_brake.Claim.HELD, batch_brake.Claim.THROTTLED):
             return SendResult.HELD, None
         return None, (token if claimed == batch_brake.Claim.CLAIMED else None)
-    moved = transition(
-        runtime.engine(),
-        payment.id,
-        [PaymentState.PENDING],
-        PaymentState.SENDING,
-        guard_token=token,
-        next_attempt_at=None,
-    )
-    return None, (token if moved else None)
-
-
-def fail_point(name: str) -> None:
-    """Reliability tests kill the worker here, once (see Settings.fault_kill_at); a no-op in production."""
-    settings = runtime.settings()
-    if settings.fault_kill_at != name or not settings.fault_marker_file:
-        return
-    marker = Path(settings.fault_marker_file)
-    try:
-        marker.touch(exist_ok=False)
-    except FileExistsError:
-        return
-    log.warning("fail-point %s: killing this worker process", name)
-    os.kill(os.getpid(), signal.SIGKILL)
+    return None, (token if claim_for_send(runtime.engine(), payment.id, token) else None)
 
 
 def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult, Retry | None]:
     metrics.record_push(result)
     engine = runtime.engine()
     guard = runtime.guard()
-    evidence = {
+    evidence: dict[str, Any] = {
         "provider_status_code": result.status_code,
         "provider_response": result.raw[:2048] if result.raw else None,
     }
     masked = mask_phone(payment.phone)
     match result.outcome:
         case PushOutcome.ACCEPTED:
-            moved = transition(
+            # If the dispatcher took the row for a dead worker's (UNKNOWN) meanwhile, the references are kept on
+            # it so settlement asks about this very request.
+            moved = record_sent(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
+                token,
                 PaymentState.AWAITING_CALLBACK,
                 provider_reference=result.reference,
                 checkout_request_id=result.checkout_request_id,
-                sent_at=utcnow(),
                 reason=None,
                 **evidence,
             )
-            if not moved:
-                # The dispatcher took the row for a dead worker's (UNKNOWN) meanwhile; keep the reference so
-                # settlement asks transaction-status about this very request.
-                mark(engine, payment.id, provider_reference=result.reference, sent_at=utcnow())
             log.info("payment %s accepted by UpesiPay for %s", payment.id, masked)
             if moved and apply_held(payment.id):
                 log.info("payment %s settled by a callback held until now", payment.id)
             return SendResult.ACCEPTED, None
         case PushOutcome.REJECTED:
-            transition(
+            # UpesiPay may count a refused request against the account: so does the guard.
+            ended = end_attempt(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
-                PaymentState.REJECTED,
+                token,
+                AttemptOutcome.FAILURE,
+                payment_from=[PaymentState.SENDING],
+                payment_to=PaymentState.REJECTED,
                 reason=result.detail[:500],
                 **evidence,
             )
-            # UpesiPay may count a refused request against the account: so does the guard.
-            guard.resolve(token, Outcome.FAILURE)
+            if ended.attempt_ended:
+                tell_guard(token, AttemptOutcome.FAILURE)
             batch_brake.note_outcome(payment.batch_id)
             log.warning("payment %s rejected by UpesiPay: %s", payment.id, result.detail)
             return SendResult.REJECTED, None
         case PushOutcome.CREDENTIALS_REFUSED:
-            guard.resolve(token, Outcome.RELEASED)
             probe_s = runtime.settings().credentials_probe_s
             runtime.credentials_pause().pause(probe_s)
-            defer(payment, probe_s, "UpesiPay refused the credentials", PaymentState.SENDING)
+            if defer(token, probe_s, "UpesiPay refused the credentials", AttemptOutcome.RELEASED):
+                tell_guard(token, AttemptOutcome.RELEASED)
             log.error(
                 "UpesiPay refused the credentials (HTTP %s): all sending paused for %.0fs; check "
                 "UPESIPAY_AUTH_TOKEN",
@@ -228,51 +216,59 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             return SendResult.PAUSED, None
         case PushOutcome.RATE_LIMITED:
             wait = result.retry_after_s if result.retry_after_s is not None else DEFAULT_RATE_LIMIT_WAIT_S
-            guard.resolve(token, Outcome.RELEASED)
+            until = utcnow() + timedelta(seconds=wait)
+            # The ledger first: a guard rebuilt from it must still honour the provider's word.
             if result.scope == RestrictionScope.PHONE:
+                record_guard_block(
+                    engine, payment.account, GuardBlockKind.PHONE, until, "provider", payment.phone
+                )
                 guard.block_phone(payment.phone, wait)
             else:
-                guard.restrict_account(wait, "provider: " + result.detail[:100])
-            defer(
-                payment, wait, f"UpesiPay rate limit ({result.scope}): {result.detail}", PaymentState.SENDING
-            )
+                reason = "provider: " + result.detail[:100]
+                record_guard_block(engine, payment.account, GuardBlockKind.ACCOUNT, until, reason)
+                guard.restrict_account(wait, reason)
+            if defer(
+                token, wait, f"UpesiPay rate limit ({result.scope}): {result.detail}", AttemptOutcome.RELEASED
+            ):
+                tell_guard(token, AttemptOutcome.RELEASED)
             log.warning("payment %s: UpesiPay rate limited (%s) for %.0fs", payment.id, result.scope, wait)
             return SendResult.DEFERRED, None
         case PushOutcome.NOT_SENT:
-            guard.resolve(token, Outcome.RELEASED)
             attempts = payment.attempts + 1
             if attempts >= runtime.settings().send_max_attempts:
-                transition(
+                if end_attempt(
                     engine,
-                    payment.id,
-                    [PaymentState.SENDING],
-                    PaymentState.FAILED,
+                    token,
+                    AttemptOutcome.RELEASED,
+                    payment_from=[PaymentState.SENDING],
+                    payment_to=PaymentState.FAILED,
                     attempts=attempts,
                     reason=f"could not reach UpesiPay after {attempts} attempts: {result.detail}"[:500],
-                )
+                ).attempt_ended:
+                    tell_guard(token, AttemptOutcome.RELEASED)
                 log.error("payment %s failed: UpesiPay unreachable after %d attempts", payment.id, attempts)
                 return SendResult.GAVE_UP, None
             countdown = backoff_s(attempts)
-            transition(
+            if end_attempt(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
-                PaymentState.PENDING,
+                token,
+                AttemptOutcome.RELEASED,
+                payment_from=[PaymentState.SENDING],
+                payment_to=PaymentState.PENDING,
                 attempts=attempts,
                 guard_token=None,
                 reason=f"not sent ({result.detail}); retry {attempts} in {countdown:.1f}s"[:500],
                 queued_at=None,
-            )
+            ).attempt_ended:
+                tell_guard(token, AttemptOutcome.RELEASED)
             return SendResult.RETRY, Retry(countdown)
         case PushOutcome.AMBIGUOUS:
             # The request may have reached UpesiPay: resending could prompt the customer twice. The reservation
             # stays held until settlement learns what happened.
-            transition(
+            record_sent(
                 engine,
-                payment.id,
-                [PaymentState.SENDING],
+                token,
                 PaymentState.UNKNOWN,
-                sent_at=utcnow(),
                 reason=f"outcome unknown: {result.detail}"[:500],
                 **evidence,
             )

@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     credentials_probe_s: float = Field(default=120.0, gt=0)
 
     # Fail-points for the reliability tests only (never set in production): the worker process SIGKILLs itself
-    # at this point of a send, once per marker file: "after-claim" or "after-send".
-    fault_kill_at: Literal["", "after-claim", "after-send"] = ""
+    # at this point of a send, once per marker file: "after-claim", "after-send", or "before-resolve" (the ledger
+    # has ended an attempt, the guard has not been told yet).
+    fault_kill_at: Literal["", "after-claim", "after-send", "before-resolve"] = ""
     fault_marker_file: str = ""
 
     # Dispatcher and settlement (beat)

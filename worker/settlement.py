@@ -1,22 +1,35 @@
 """Settling a sent payment: from a callback, or by asking UpesiPay (transaction-status, the transactions list).
 
-Every ending goes through `finish`, which moves the ledger row with one conditional UPDATE and, only if that
-moved it, tells the guard. So a duplicate callback, a callback racing settlement, or two beat ticks settle a
-payment once, and the guard counts it once.
+Every ending goes through `finish`, which ends one send attempt (worker.attempts.end_attempt: the attempt only if
+it has no outcome yet, the payment only while that attempt is current, one transaction) and, only if that ended
+it, tells the guard. So a duplicate callback, a callback racing settlement, two beat ticks, or the callback of an
+earlier attempt settle their own attempt once, and the guard counts it once.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
+from sqlalchemy import func
 from sqlmodel import col, select
 
 from worker import batch_brake, metrics, runtime
+from worker.attempts import end_attempt, get_attempt, revert_attempt
 from worker.dispatch import publish_payment, release_freed
-from worker.guard import Outcome
-from worker.ledger import Payment, PaymentState, get_payment, mark, session_scope, transition, utcnow
+from worker.guard import GuardUnavailable
+from worker.ledger import (
+    AttemptOutcome,
+    Payment,
+    PaymentState,
+    SendAttempt,
+    get_payment,
+    mark,
+    session_scope,
+    utcnow,
+)
+from worker.reconcile import tell_guard
 from worker.upesipay import StatusResult, TransactionStatus
 
 log = logging.getLogger("stkpush.settlement")
@@ -40,44 +53,67 @@ def state_for_result(result_code: int) -> PaymentState:
     return PaymentState.FAILED
 
 
-def finish(payment: Payment, state: PaymentState, **fields: Any) -> bool:
-    """End `payment` in `state`; True if this call ended it (and so told the guard)."""
+def finish(payment: Payment, state: PaymentState, attempt_id: str | None = None, **fields: Any) -> bool:
+    """End `attempt_id` (default: the payment's current attempt) in `state`; True if this call ended it.
+
+    The payment moves only while that attempt is still its current one; the guard is told either way, once."""
     engine = runtime.engine()
-    moved = transition(engine, payment.id, SETTLEABLE, state, **fields)
-    if moved:
-        outcome = Outcome.SUCCESS if state == PaymentState.SUCCEEDED else Outcome.FAILURE
-        if payment.guard_token:
-            runtime.guard().resolve(payment.guard_token, outcome)
-            release_freed(payment.phone)
-        log.info("payment %s settled %s", payment.id, state.value)
-        if state != PaymentState.SUCCEEDED:
-            batch_brake.note_outcome(payment.batch_id)
+    attempt_id = attempt_id or payment.guard_token
+    if attempt_id is None:
+        log.warning("payment %s has no send attempt to settle: ignored", payment.id)
+        return False
+    outcome = AttemptOutcome.SUCCESS if state == PaymentState.SUCCEEDED else AttemptOutcome.FAILURE
+    ended = end_attempt(engine, attempt_id, outcome, payment_from=SETTLEABLE, payment_to=state, **fields)
+    if ended.attempt_ended:
+        if tell_guard(attempt_id, outcome):
+            try:
+                release_freed(payment.phone)
+            except GuardUnavailable:
+                pass  # beat releases it on a later tick; the payment's own ending is already recorded
+        if ended.payment_moved:
+            log.info("payment %s settled %s", payment.id, state.value)
+            if state != PaymentState.SUCCEEDED:
+                batch_brake.note_outcome(payment.batch_id)
+        else:
+            log.warning(
+                "payment %s: an earlier attempt ended %s; the current one is untouched", payment.id, state
+            )
         return True
     if state == PaymentState.SUCCEEDED:
-        return take_back_assumed_failure(payment.id, **fields)
+        return take_back_assumed_failure(payment.id, attempt_id, **fields)
     return False
 
 
-def take_back_assumed_failure(payment_id: str, **fields: Any) -> bool:
+def take_back_assumed_failure(payment_id: str, attempt_id: str, **fields: Any) -> bool:
     """A success that arrives after we gave up and counted a failure corrects the ledger and the guard."""
     current = get_payment(runtime.engine(), payment_id)
     if current is None or current.state != PaymentState.FAILED:
         return False
     if not (current.reason or "").startswith(ASSUMED_FAILURE):
         return False
-    moved = transition(runtime.engine(), payment_id, [PaymentState.FAILED], PaymentState.SUCCEEDED, **fields)
-    if moved and current.guard_token:
-        runtime.guard().revert_failure(current.guard_token)
+    fields.pop("reason", None)
+    moved = revert_attempt(runtime.engine(), attempt_id, reason=None, **fields)
+    if moved:
+        tell_guard(attempt_id, AttemptOutcome.REVERTED)
         log.warning("payment %s: late success took back an assumed failure", payment_id)
     return moved
+
+
+def attempt_age(payment: Payment) -> timedelta:
+    """How long the current attempt has been out: from when it was sent, else claimed. Polls never move these."""
+    attempt = get_attempt(runtime.engine(), payment.guard_token) if payment.guard_token else None
+    started = (attempt.sent_at or attempt.created_at) if attempt else (payment.sent_at or payment.created_at)
+    if started.tzinfo is None:  # SQLite hands back naive UTC
+        started = started.replace(tzinfo=UTC)
+    return utcnow() - started
 
 
 def settle_from_status(payment: Payment, status: StatusResult) -> str:
     """Apply what UpesiPay said about one payment; returns what was done (for logs and tests)."""
     settings = runtime.settings()
-    age = utcnow() - (payment.sent_at or payment.updated_at)
+    age = attempt_age(payment)
     if status.status == TransactionStatus.SUCCESS:
-        finish(
+        changed = finish(
             payment,
             PaymentState.SUCCEEDED,
             receipt=status.receipt,
@@ -86,42 +122,45 @@ def settle_from_status(payment: Payment, status: StatusResult) -> str:
             result_desc="settled by transaction-status",
             reason=None,
         )
-        return "succeeded"
+        return "succeeded" if changed else "unchanged"
     if status.status == TransactionStatus.FAILED:
-        finish(
+        changed = finish(
             payment,
             PaymentState.FAILED,
             provider_reference=payment.provider_reference or status.reference,
             result_desc="settled by transaction-status",
             reason="UpesiPay reports the payment failed",
         )
-        return "failed"
+        return "failed" if changed else "unchanged"
     if status.status == TransactionStatus.NOT_FOUND and payment.provider_reference is None:
         # Every page of UpesiPay's transactions was read and none carries this reference: the request never
         # reached UpesiPay, so sending it now cannot prompt the customer twice.
-        moved = transition(
+        if payment.guard_token is None:
+            return "unchanged"
+        ended = end_attempt(
             runtime.engine(),
-            payment.id,
-            [PaymentState.UNKNOWN],
-            PaymentState.PENDING,
+            payment.guard_token,
+            AttemptOutcome.RELEASED,
+            payment_from=[PaymentState.UNKNOWN],
+            payment_to=PaymentState.PENDING,
             guard_token=None,
             queued_at=None,
             reason="UpesiPay has no such request: sending again",
         )
-        if moved:
-            if payment.guard_token:
-                runtime.guard().resolve(payment.guard_token, Outcome.RELEASED)
+        if ended.attempt_ended:
+            tell_guard(payment.guard_token, AttemptOutcome.RELEASED)
+        if ended.payment_moved:
             publish_payment(payment.id, queue=payment.queue)
             return "resent"
         return "unchanged"
     if age >= timedelta(seconds=settings.settle_give_up_s):
-        finish(
+        changed = finish(
             payment,
             PaymentState.FAILED,
             reason=f"{ASSUMED_FAILURE} no outcome from UpesiPay after {settings.settle_give_up_s}s "
             f"(last status {status.status.value})",
         )
-        return "gave-up"
+        return "gave-up" if changed else "unchanged"
     # No answer yet: ask again later rather than on every tick.
     mark(runtime.engine(), payment.id, next_attempt_at=utcnow() + timedelta(seconds=settings.settle_poll_s))
     return "waiting"
@@ -142,18 +181,23 @@ def settle_due(limit: int = 200) -> int:
     now = utcnow()
     awaiting_before = now - timedelta(seconds=settings.settle_after_s)
     unknown_before = now - timedelta(seconds=settings.settle_unknown_after_s)
+    # Ages come from the attempt (sent, else claimed), never from updated_at, which every poll refreshes: a row
+    # left UNKNOWN by a dead worker still reaches the give-up rule on time.
+    started = func.coalesce(col(SendAttempt.sent_at), col(SendAttempt.created_at))
     with session_scope(runtime.engine()) as session:
         rows = session.exec(
             select(Payment)
+            .join(SendAttempt, col(SendAttempt.id) == col(Payment.guard_token))
+            .where(col(Payment.account) == settings.upesipay_account)
             .where(
                 (
                     (col(Payment.state) == PaymentState.AWAITING_CALLBACK)
-                    & (col(Payment.sent_at) <= awaiting_before)
+                    & (col(SendAttempt.sent_at) <= awaiting_before)
                 )
-                | ((col(Payment.state) == PaymentState.UNKNOWN) & (col(Payment.updated_at) <= unknown_before))
+                | ((col(Payment.state) == PaymentState.UNKNOWN) & (started <= unknown_before))
             )
             .where(col(Payment.next_attempt_at).is_(None) | (col(Payment.next_attempt_at) <= now))
-            .order_by(col(Payment.updated_at))
+            .order_by(started)
             .limit(limit)
         ).all()
     done = 0

@@ -1,4 +1,5 @@
-"""Callback URLs carry an HMAC of the payment id: UpesiPay's callbacks are not signed, so the URL is the secret."""
+"""Callback URLs carry an HMAC of the attempt id (the payment id in URLs from before send attempts): UpesiPay's
+callbacks are not signed, so the URL is the secret."""
 
 from __future__ import annotations
 
@@ -21,3 +22,19 @@ def callback_url(settings: Settings, payment_id: str) -> str:
     base = str(settings.callback_base_url).rstrip("/")
     signature = callback_signature(settings.callback_secret.get_secret_value(), payment_id)
     return f"{base}/callbacks/upesipay/{payment_id}/{signature}"
+
+
+def attempt_signature(secret: str, attempt_id: str) -> str:
+    # A prefix of its own, so a payment's signature can never pass as an attempt's or the other way round.
+    return callback_signature(secret, "attempt:" + attempt_id)
+
+
+def attempt_signature_matches(secret: str, attempt_id: str, signature: str) -> bool:
+    return hmac.compare_digest(attempt_signature(secret, attempt_id), signature)
+
+
+def attempt_callback_url(settings: Settings, attempt_id: str) -> str:
+    """The URL UpesiPay calls back for one send attempt: a late callback then settles that attempt only."""
+    base = str(settings.callback_base_url).rstrip("/")
+    signature = attempt_signature(settings.callback_secret.get_secret_value(), attempt_id)
+    return f"{base}/callbacks/upesipay/attempts/{attempt_id}/{signature}"

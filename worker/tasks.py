@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker import dispatch, other_channels, settlement
+from worker import dispatch, other_channels, reconcile, settlement
 from worker.sending import send_payment
 
 
@@ -20,6 +20,8 @@ def stk_push(payment_id: str) -> str:
 
 @shared_task(name="stkpush.dispatch.release_deferred", ignore_result=True)
 def release_deferred() -> int:
+    # The guard first: rebuilt if Redis forgot it, and told what the ledger still owes it.
+    reconcile.keep_guard()
     return dispatch.release_deferred()
 
 
@@ -36,3 +38,8 @@ def settle() -> int:
 @shared_task(name="stkpush.dispatch.other_channels", ignore_result=True)
 def count_other_channels() -> int:
     return other_channels.count_other_channel_failures()
+
+
+@shared_task(name="stkpush.dispatch.verify_guard", ignore_result=True)
+def verify_guard() -> int:
+    return reconcile.verify_guard(repair=True).count

@@ -10,7 +10,7 @@ import pytest
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.unit.test_guard import Clock
-from worker.guard import Guard, GuardLimits, Outcome, RefusalReason
+from worker.guard import Guard, GuardLimits, Outcome, RefusalReason, recovery
 from worker.local.redis_cluster import EmbeddedRedisCluster
 
 ACCOUNTS = 60
@@ -39,7 +39,9 @@ def client(cluster: EmbeddedRedisCluster) -> Iterator[RedisCluster]:
 
 
 def guard_for(client: RedisCluster, account: str, clock: Clock) -> Guard:
-    return Guard(client, account, LIMITS, clock=clock)  # type: ignore[arg-type]
+    guard = Guard(client, account, LIMITS, clock=clock)  # type: ignore[arg-type]
+    recovery.start_empty(guard)  # a new account: the ledger has nothing for it (once; later calls change nothing)
+    return guard
 
 
 def number(account_index: int, phone_index: int) -> str:

@@ -20,7 +20,7 @@ from typing import cast
 
 import redis
 
-from worker.guard import Guard, GuardLimits, Outcome
+from worker.guard import Guard, GuardLimits, Outcome, recovery
 
 PHONES = ("254700000001", "254700000002", "254700000003", "254700000004")
 WORKERS = 6
@@ -55,6 +55,9 @@ def work(url: str, seed: int, start: Event, results: multiprocessing.Queue[objec
     rng = random.Random(seed)
     client = redis.Redis.from_url(url)
     guard = Guard(client, "acct", LIMITS)
+    recovery.start_empty(
+        guard
+    )  # whichever process comes first; the others find the marker and change nothing
     holds: list[Hold] = []
     refusals: Counter[str] = Counter()
     start.wait()
@@ -86,6 +89,7 @@ def work(url: str, seed: int, start: Event, results: multiprocessing.Queue[objec
 def monitor(url: str, start: Event, results: multiprocessing.Queue[object]) -> None:
     client = redis.Redis.from_url(url)
     guard = Guard(client, "acct", LIMITS)
+    recovery.start_empty(guard)
     violations: list[str] = []
     samples = 0
     start.wait()

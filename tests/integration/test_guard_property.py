@@ -1,6 +1,11 @@
 """The guard's Lua scripts against a plain-Python model of its four rules and the lanes (docs/guard.md), by
 hypothesis.
 
+A ledger (SQLite) records every admitted attempt and its outcome as the real system does. Two operations test
+the guard's recovery: "a resolve is lost" (the ledger records the outcome, the guard is not told; paid later as
+beat would) and "Redis forgets" (the state is deleted: admits must refuse, then the state is rebuilt from the
+ledger, and the model from its own plain replay of the same ledger). The comparison goes on after either.
+
 Both see the same injected clock (integer milliseconds). After every step the real guard and the model must agree
 on the decision (reason and retry_after included), the resolve and revert answers, and every snapshot. Small limits
 make the boundaries (streak limit, in-flight limit, budget, restriction tiers) come up often; time jumps land on
@@ -10,6 +15,7 @@ and around the exact instants where a rest, a block, a restriction or a window e
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -17,7 +23,18 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from worker.guard import Decision, Guard, GuardLimits, Lane, Outcome, RefusalReason
+from worker.guard import Decision, Guard, GuardLimits, Lane, Outcome, RefusalReason, recovery
+from worker.guard_ledger import implied_image
+from worker.ledger import (
+    AttemptOutcome,
+    GuardBlock,
+    GuardBlockKind,
+    Payment,
+    SendAttempt,
+    create_schema,
+    make_engine,
+    session_scope,
+)
 from worker.phones import mask_phone
 
 HOUR_MS = 3_600_000
@@ -216,6 +233,57 @@ class GuardModel:
         return times
 
 
+@dataclass(frozen=True)
+class LedgerEntry:
+    token: str
+    phone: str
+    outcome: Outcome | None = None  # None: in flight
+    at: int = 0
+    reverted: bool = False
+    bulk: bool = False  # admitted in the bulk lane
+
+
+def replay(
+    limits: GuardLimits, entries: list[LedgerEntry], blocks: list[tuple[str | None, int, str]]
+) -> GuardModel:
+    """The model a ledger implies, written plainly: outcomes in time order through the model's own rules."""
+    model = GuardModel(limits)
+    window = ms(limits.account_window_s)
+    counted: list[int] = []  # failures as they happened (reverted ones too: the guard saw them)
+    ended = sorted(
+        (e for e in entries if e.outcome in (Outcome.SUCCESS, Outcome.FAILURE)), key=lambda e: (e.at, e.token)
+    )
+    for entry in ended:
+        state = model.phone(entry.phone, entry.at)
+        if entry.outcome is Outcome.SUCCESS:
+            state.streak, state.last_failure, state.run_start = 0, 0, 0
+            continue
+        model.seq += 1
+        counted.append(entry.at)
+        if not entry.reverted:
+            if state.streak == 0:
+                state.run_start = model.seq
+            state.streak += 1
+            state.last_failure = entry.at
+            model.failures.append(FailureModel(entry.at, model.seq, entry.token, entry.phone))
+        count = sum(1 for at in counted if at > entry.at - window)
+        for threshold, seconds in limits.restriction_tiers:
+            if count == threshold + 1:
+                model.restrict(entry.at + ms(seconds), f"more than {threshold} failures in the window")
+    for entry in entries:
+        if entry.outcome is None:
+            model.held[entry.token] = entry.phone
+            if entry.bulk:
+                model.bulk_held.add(entry.token)
+            model.phones.setdefault(entry.phone, PhoneModel()).in_flight += 1
+    for phone, until, reason in blocks:
+        if phone is None:
+            model.restrict(until, reason)
+        else:
+            model.block(phone, until)
+    return model
+
+
 ADMIT = st.tuples(st.just("admit"), st.sampled_from(PHONES), st.integers(0, 1))
 BULK_ADMIT = st.tuples(st.just("bulk"), st.sampled_from(PHONES), st.integers(0, 1))
 # Failures weigh double: they drive every limit. The pick mostly lands on a held token.
@@ -247,6 +315,13 @@ class GuardMachine(RuleBasedStateMachine):
         self.tokens = 0
         self.settled: list[str] = []
         self.failed: list[str] = []
+        # The ledger: what the real system records (attempts and their outcomes, provider blocks).
+        self.engine = make_engine("sqlite://")
+        create_schema(self.engine)
+        self.ledger: dict[str, LedgerEntry] = {}
+        self.blocks: list[tuple[str | None, int, str]] = []
+        self.owed: list[tuple[str, Outcome]] = []
+        self.reused = False  # a reused token has no ledger of its own: recovery operations stop then
 
     def clock(self) -> float:
         return self.now / 1000
@@ -264,6 +339,7 @@ class GuardMachine(RuleBasedStateMachine):
                 clock=self.clock,
             ),
         ]
+        assert recovery.start_empty(self.guards[0])  # a new account: its empty ledger is the starting state
         if collect_small_hashes:
             # Collecting dead number fields (every fourth failure, even in a small hash) must never change a
             # decision.
@@ -273,22 +349,126 @@ class GuardMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.client.close()
+        self.engine.dispose()
+
+    def moment(self) -> datetime:
+        return datetime.fromtimestamp(self.now / 1000, UTC)
+
+    def record_attempt(self, token: str, phone: str, lane: Lane = Lane.INTERACTIVE) -> None:
+        self.ledger[token] = LedgerEntry(token, phone, bulk=lane is Lane.BULK)
+        with session_scope(self.engine) as session:
+            session.add(
+                Payment(
+                    id=f"p-{token}",
+                    account="acct",
+                    external_reference=token,
+                    phone=phone,
+                    amount=1,
+                    channel_id=1,
+                    queue="bulk" if lane is Lane.BULK else "single",
+                )
+            )
+            session.flush()
+            session.add(
+                SendAttempt(
+                    id=token,
+                    payment_id=f"p-{token}",
+                    account="acct",
+                    number=1,
+                    lane="bulk" if lane is Lane.BULK else "single",
+                    created_at=self.moment(),
+                )
+            )
+            session.commit()
+
+    def record_outcome(self, token: str, outcome: Outcome) -> None:
+        entry = self.ledger.get(token)
+        if entry is None or entry.outcome is not None:
+            return
+        self.ledger[token] = replace(entry, outcome=outcome, at=self.now)
+        with session_scope(self.engine) as session:
+            attempt = session.get(SendAttempt, token)
+            assert attempt is not None
+            attempt.outcome = AttemptOutcome(outcome.value)
+            attempt.outcome_at = self.moment()
+            session.add(attempt)
+            session.commit()
 
     def admit(self, worker: int, phone: str, token: str, lane: Lane = Lane.INTERACTIVE) -> None:
         guard = self.guards[worker]
+        fresh = token not in self.model.held
         expected = self.model.admit(phone, token, self.now, guard.limits, lane)
         assert guard.admit(phone, token, lane) == expected
+        if expected.admitted and fresh and token != "probe":
+            if token in self.ledger:
+                self.reused = True
+            else:
+                self.record_attempt(token, phone, lane)
 
     def resolve(self, worker: int, token: str, outcome: Outcome) -> None:
         changed = self.guards[worker].resolve(token, outcome)
         assert changed == self.model.resolve(token, outcome, self.now)
         if changed:
+            self.record_outcome(token, outcome)
             self.settled.append(token)
             if outcome is Outcome.FAILURE:
                 self.failed.append(token)
 
     def revert(self, token: str) -> None:
-        assert self.guards[1].revert_failure(token) == self.model.revert(token, self.now)
+        reverted = self.guards[1].revert_failure(token)
+        assert reverted == self.model.revert(token, self.now)
+        entry = self.ledger.get(token)
+        if reverted and entry is not None and entry.outcome is Outcome.FAILURE and not entry.reverted:
+            self.ledger[token] = replace(entry, reverted=True)
+            with session_scope(self.engine) as session:
+                attempt = session.get(SendAttempt, token)
+                assert attempt is not None
+                attempt.outcome = AttemptOutcome.REVERTED
+                session.add(attempt)
+                session.commit()
+
+    @rule(data=st.data(), outcome=st.sampled_from([Outcome.SUCCESS, Outcome.FAILURE, Outcome.RELEASED]))
+    def a_resolve_is_lost(self, data: st.DataObject, outcome: Outcome) -> None:
+        """The ledger records how an attempt ended; the guard never hears of it (Redis away, worker killed)."""
+        open_tokens = sorted(
+            t for t in self.model.held if t in self.ledger and self.ledger[t].outcome is None
+        )
+        if self.reused or not open_tokens:
+            return
+        token = data.draw(st.sampled_from(open_tokens))
+        self.record_outcome(token, outcome)
+        self.owed.append((token, outcome))
+
+    @rule()
+    def beat_pays_what_is_owed(self) -> None:
+        """Beat resolves from the ledger what the guard was not told (a no-op for a token it does not hold)."""
+        for token, outcome in self.owed:
+            changed = self.guards[0].resolve(token, outcome)
+            assert changed == self.model.resolve(token, outcome, self.now)
+            if changed:
+                self.settled.append(token)
+                if outcome is Outcome.FAILURE:
+                    self.failed.append(token)
+        self.owed.clear()
+
+    @rule()
+    def redis_forgets(self) -> None:
+        """Redis loses the account's state: every admit refuses until it is rebuilt from the ledger alone."""
+        if self.reused or not hasattr(self, "model"):
+            return
+        self.client.delete("stkpush:{acct}:s", "stkpush:{acct}:w")
+        for guard in self.guards:
+            refused = guard.admit(PHONES[0], "after-forgetting")
+            assert (refused.admitted, refused.reason) == (False, RefusalReason.GUARD_REBUILDING)
+        limits = self.model.limits
+        image = implied_image(self.engine, "acct", limits, self.now).image
+        assert recovery.rebuild(self.guards[0], image, "test")
+        assert not recovery.rebuild(self.guards[1], image, "again")  # a second rebuild changes nothing
+        # A released attempt left nothing behind: the ledger's replay skips it.
+        entries = [e for e in self.ledger.values() if e.outcome is not Outcome.RELEASED]
+        self.model = replay(limits, entries, self.blocks)
+        # Failures older than the window are gone from the rebuilt window, and so from what a revert can find.
+        self.failed = [t for t in self.failed if any(f.token == t for f in self.model.window(self.now))]
 
     @rule(actions=TRAFFIC)
     def traffic(self, actions: list[tuple[str, object, int]]) -> None:
@@ -337,6 +517,20 @@ class GuardMachine(RuleBasedStateMachine):
         else:
             self.guards[0].block_phone(phone, seconds)
             self.model.block(phone, self.now + ms(seconds))
+        # Recorded in the ledger as the send path does, so a rebuilt guard still honours it.
+        until = self.now + ms(seconds)
+        self.blocks.append((None if account_wide else phone, until, reason))
+        with session_scope(self.engine) as session:
+            session.add(
+                GuardBlock(
+                    account="acct",
+                    kind=GuardBlockKind.ACCOUNT if account_wide else GuardBlockKind.PHONE,
+                    phone=None if account_wide else phone,
+                    until=datetime.fromtimestamp(until / 1000, UTC),
+                    reason=reason,
+                )
+            )
+            session.commit()
 
     @rule(step=st.one_of(st.integers(0, HOUR_MS), st.integers(HOUR_MS, 30 * HOUR_MS)))
     def time_passes(self, step: int) -> None:

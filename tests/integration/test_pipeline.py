@@ -151,10 +151,15 @@ def test_bad_input_records_nothing_and_queues_nothing(
 
 
 def awaiting_payment(stack: Stack) -> Payment:
-    """A payment waiting for its callback, written straight to the ledger (no push, so no real callback)."""
-    from worker.ledger import utcnow
+    """A payment waiting for its callback, written straight to the ledger (no push, so no real callback), with
+    the send attempt a real send would have opened."""
+    from worker.ledger import SendAttempt, new_payment_id, utcnow
 
+    payment_id = new_payment_id()
+    token = f"{payment_id}.test"
     payment = Payment(
+        id=payment_id,
+        guard_token=token,
         account=stack.account,
         external_reference=reference(),
         phone="254700100077",
@@ -165,8 +170,19 @@ def awaiting_payment(stack: Stack) -> Payment:
         checkout_request_id="ws_CO_" + secrets.token_hex(8),
         sent_at=utcnow(),
     )
+    attempt = SendAttempt(
+        id=token,
+        payment_id=payment_id,
+        account=stack.account,
+        number=1,
+        sent_at=payment.sent_at,
+        provider_reference=payment.provider_reference,
+        checkout_request_id=payment.checkout_request_id,
+    )
     with session_scope(runtime.engine()) as session:
         session.add(payment)
+        session.flush()
+        session.add(attempt)
         session.commit()
     return payment
 

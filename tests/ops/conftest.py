@@ -25,7 +25,7 @@ import httpx
 import pytest
 import redis
 
-from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason
+from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason, recovery
 from worker.ledger import Batch, BatchState, Payment, PaymentState, make_engine, session_scope, utcnow
 from worker.local.embedded_redis import EmbeddedRedis, free_port
 from worker.local.stack import wait_http
@@ -180,6 +180,7 @@ def seed(engine: Any, client: redis.Redis, account: str) -> dict[str, Any]:
     guard = Guard(
         client, account, GuardLimits(phone_streak_limit=STREAK_LIMIT, account_failure_limit=FAILURE_LIMIT)
     )
+    recovery.start_empty(guard)
     for phone, failures in ((PHONE_STREAK, 3), (PHONE_TWO_FAILURES, 2)):
         for _ in range(failures):
             token = secrets.token_hex(8)

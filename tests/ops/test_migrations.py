@@ -26,6 +26,8 @@ from worker.migrations import (
     upgrade,
 )
 
+LEDGER_TABLES = {"payment", "batch", "send_attempt", "guard_block", "external_failure"}
+
 
 @pytest.fixture
 def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
@@ -43,7 +45,13 @@ def postgres_engine(postgres_url: str) -> Iterator[Engine]:
         assert schema.startswith("stkpush_test_"), schema
         for table in (*SQLModel.metadata.tables, "alembic_version"):
             connection.execute(text(f'DROP TABLE IF EXISTS "{table}" CASCADE'))
-        for enum in ("paymentstate", "batchstate"):
+        for enum in (
+            "paymentstate",
+            "batchstate",
+            "attemptoutcome",
+            "guardblockkind",
+            "webhookdeliverystate",
+        ):
             connection.execute(text(f'DROP TYPE IF EXISTS "{enum}"'))
     yield engine
     engine.dispose()
@@ -59,7 +67,7 @@ def test_migrations_run_forward_from_an_empty_database(empty_engine: Engine) -> 
     assert inspect(empty_engine).get_table_names() == []
     upgrade(empty_engine)
     # Every table of the models, made by the migrations alone (the drift check compares their columns)
-    assert set(inspect(empty_engine).get_table_names()) == {*SQLModel.metadata.tables, "alembic_version"}
+    assert set(inspect(empty_engine).get_table_names()) == {*LEDGER_TABLES, "alembic_version"}
     assert current_revisions(empty_engine) == head_revisions()
     require_migrated(empty_engine)
     upgrade(empty_engine)  # again: nothing to do
@@ -69,7 +77,7 @@ def test_migrations_run_forward_from_an_empty_database(empty_engine: Engine) -> 
 def test_migrations_describe_exactly_the_models(empty_engine: Engine) -> None:
     # What `alembic check` does: autogenerate against the migrated database must find nothing to add.
     upgrade(empty_engine)
-    assert set(SQLModel.metadata.tables) == {"payment", "batch", "external_failure"}
+    assert set(SQLModel.metadata.tables) == LEDGER_TABLES
     assert schema_drift(empty_engine) == []
 
 
@@ -123,6 +131,7 @@ def test_held_callbacks_migration_carries_existing_payments_over_and_back(empty_
     # Leave the schema at head, as the other tests do: later tests share the session's PostgreSQL schema.
     upgrade(empty_engine)
     with empty_engine.begin() as connection:
+        connection.execute(text("DELETE FROM send_attempt"))  # the 0002 data migration gave it an attempt
         connection.execute(text("DELETE FROM payment"))
 
 
@@ -206,3 +215,60 @@ def test_the_web_app_refuses_to_start_on_an_unmigrated_database(tmp_path: Path) 
         [str(BIN / "stkpush"), "web", "--port", str(free_port())], _env(tmp_path), tmp_path
     )
     assert "Application startup failed" in result.stderr
+
+
+def test_send_attempts_migration_carries_existing_payments_over(empty_engine: Engine) -> None:
+    # Given a ledger at 0001 with payments in flight, ended, and waiting
+    upgrade(empty_engine, "0001")
+    rows = {
+        "p_await": ("AWAITING_CALLBACK", "p_await.ab12", "2026-11-30 10:00:00", None),
+        "p_unknown": ("UNKNOWN", "p_unknown.cd34", "2026-11-30 10:01:00", None),
+        "p_ok": ("SUCCEEDED", "p_ok.ef56", "2026-11-30 09:00:00", "2026-11-30 09:01:00"),
+        "p_cancel": ("CANCELLED", None, "2026-11-30 08:00:00", "2026-11-30 08:01:00"),
+        "p_unsent": ("FAILED", "p_unsent.aa11", None, "2026-11-30 07:00:00"),
+        "p_wait": ("DEFERRED", None, None, None),
+    }
+    with empty_engine.begin() as connection:
+        for number, (payment_id, (state, token, sent_at, settled_at)) in enumerate(rows.items()):
+            connection.execute(
+                text(
+                    "INSERT INTO payment (id, account, external_reference, phone, amount, channel_id, queue, "
+                    "state, attempts, guard_token, created_at, updated_at, sent_at, settled_at) VALUES (:id, "
+                    "'acct', :ref, '254712345678', 10, 2133, 'bulk', :state, 0, :token, '2026-11-30 06:00:00', "
+                    "'2026-11-30 11:00:00', :sent_at, :settled_at)"
+                ),
+                {
+                    "id": payment_id,
+                    "ref": f"INV-{number}",
+                    "state": state,
+                    "token": token,
+                    "sent_at": sent_at,
+                    "settled_at": settled_at,
+                },
+            )
+    # When it is migrated to the head
+    upgrade(empty_engine)
+    # Then every claimed or sent payment has one attempt, named by its guard token, with what the guard knew
+    with empty_engine.connect() as connection:
+        attempts = {
+            row.payment_id: row
+            for row in connection.execute(
+                text("SELECT payment_id, id, lane, outcome, sent_at, guard_resolved_at FROM send_attempt")
+            )
+        }
+        tokens = {
+            row.id: row.guard_token for row in connection.execute(text("SELECT id, guard_token FROM payment"))
+        }
+    assert set(attempts) == {"p_await", "p_unknown", "p_ok", "p_cancel", "p_unsent"}
+    assert attempts["p_await"].id == "p_await.ab12" and attempts["p_await"].outcome is None
+    assert attempts["p_unknown"].outcome is None and attempts["p_unknown"].guard_resolved_at is None
+    assert attempts["p_ok"].outcome == "SUCCESS" and attempts["p_ok"].guard_resolved_at is not None
+    assert attempts["p_cancel"].outcome == "FAILURE" and attempts["p_cancel"].id == "p_cancel.m1"
+    assert attempts["p_unsent"].outcome == "RELEASED"
+    assert attempts["p_await"].lane == "bulk"
+    assert tokens["p_cancel"] == "p_cancel.m1" and tokens["p_wait"] is None
+    assert schema_drift(empty_engine) == []
+    # The PostgreSQL schema is shared with later modules: leave its tables empty.
+    with empty_engine.begin() as connection:
+        connection.execute(text("DELETE FROM send_attempt"))
+        connection.execute(text("DELETE FROM payment"))

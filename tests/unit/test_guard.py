@@ -24,6 +24,7 @@ from worker.guard import (
     Lane,
     Outcome,
     RefusalReason,
+    recovery,
 )
 from worker.local.embedded_redis import free_port
 from worker.settings import load_settings
@@ -65,7 +66,9 @@ GuardFactory = Callable[..., Guard]
 @pytest.fixture
 def make_guard(redis_client: redis.Redis, clock: Clock) -> GuardFactory:
     def build(limits: GuardLimits = SMALL, account: str = "acct") -> Guard:
-        return Guard(redis_client, account, limits, clock=clock)
+        guard = Guard(redis_client, account, limits, clock=clock)
+        recovery.start_empty(guard)  # a fresh account: its (empty) ledger is what the guard starts from
+        return guard
 
     return build
 
@@ -488,7 +491,8 @@ def test_dead_phone_fields_are_collected(make_guard: GuardFactory, redis_client:
     for i in range(20):
         assert guard.admit(phone(i), f"r{i}").admitted
         guard.resolve(f"r{i}", Outcome.RELEASED)  # nothing left: the number's field goes at once
-    assert set(redis_client.hkeys(state)) == {b"n", b"x"}  # counters only: no number has state
+    # Counters and the rebuild marker only: no number has state.
+    assert set(redis_client.hkeys(state)) == {b"n", b"x", b"e", b"q", b"xw"}
     for i in range(10):  # in flight: live
         assert guard.admit(phone(4000 + i), f"held{i}").admitted
     # 300 fields whose streak was forgotten long ago (last failure at epoch + 1 ms): dead.
@@ -516,6 +520,7 @@ def test_admit_and_resolve_are_one_round_trip_each(redis_url: str, clock: Clock)
     client = redis.Redis.from_url(redis_url)
     client.connection_pool.connection_class = CountingConnection
     guard = Guard(client, "acct", SMALL, clock=clock)
+    recovery.start_empty(guard)
     assert guard.admit(PHONE, "warm").admitted  # the first call may load the script
     guard.resolve("warm", Outcome.SUCCESS)
     guard.resolve("warm", Outcome.SUCCESS)
@@ -530,6 +535,7 @@ def test_admit_and_resolve_are_one_round_trip_each(redis_url: str, clock: Clock)
 def test_guard_works_with_a_decoding_client(redis_url: str, clock: Clock) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     guard = Guard(client, "acct", SMALL, clock=clock)
+    recovery.start_empty(guard)
     fail(guard, PHONE, "f1")
     guard.restrict_account(60, "provider said so")
     assert guard.account_snapshot().restriction_reason == "provider said so"
@@ -539,6 +545,7 @@ def test_guard_works_with_a_decoding_client(redis_url: str, clock: Clock) -> Non
 
 def test_without_an_injected_clock_the_guard_uses_redis_time(redis_client: redis.Redis) -> None:
     guard = Guard(redis_client, "acct", SMALL)
+    recovery.start_empty(guard)
     assert guard.admit(PHONE, "t1").admitted
     guard.resolve("t1", Outcome.FAILURE)
     seconds, micros = (int(part) for part in redis_client.time())

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from tests.unit.test_guard import SMALL, Clock
-from worker.guard import Guard, RefusalReason
+from worker.guard import Guard, RefusalReason, recovery
 
 HOUR = 3600.0
 
@@ -19,7 +19,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def guard(redis_client: redis.Redis, clock: Clock) -> Guard:
-    return Guard(redis_client, "acct", SMALL, clock=clock)
+    guard = Guard(redis_client, "acct", SMALL, clock=clock)
+    recovery.start_empty(guard)
+    return guard
 
 
 def test_an_external_failure_counts_once_by_reference(guard: Guard, clock: Clock) -> None:

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tests.unit.test_guard import SMALL, Clock, fail
-from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason
+from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason, recovery
 from worker.guard.guard import HOLD_S
 from worker.settings import SettingsError, load_settings
 
@@ -32,7 +32,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def held(redis_client: redis.Redis, clock: Clock) -> Guard:
-    return Guard(redis_client, "acct", HELD, clock=clock)
+    guard = Guard(redis_client, "acct", HELD, clock=clock)
+    recovery.start_empty(guard)
+    return guard
 
 
 def fill_streak(guard: Guard, clock: Clock) -> None:
@@ -75,6 +77,7 @@ def test_a_release_keeps_the_sends_in_flight(held: Guard, clock: Clock) -> None:
 
 def test_rest_mode_frees_the_number_after_the_cooldown(redis_client: redis.Redis, clock: Clock) -> None:
     rests = Guard(redis_client, "acct-rest", SMALL, clock=clock)
+    recovery.start_empty(rests)
     fill_streak(rests, clock)
     assert not rests.admit(PHONE, "early").admitted
     clock.advance(SMALL.phone_cooldown_s)

@@ -18,8 +18,28 @@ PACKAGES = ("worker", "producers")
 
 # Lowest first. A module may import modules of its own layer and of the layers before it, never after.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("worker.settings", "worker.phones", "worker.logs", "worker.signing", "worker.pause")),
-    ("records and provider", ("worker.ledger", "worker.migrations", "worker.guard", "worker.upesipay")),
+    (
+        "base",
+        (
+            "worker.settings",
+            "worker.phones",
+            "worker.logs",
+            "worker.signing",
+            "worker.pause",
+            "worker.faults",
+        ),
+    ),
+    (
+        "records and provider",
+        (
+            "worker.ledger",
+            "worker.attempts",
+            "worker.migrations",
+            "worker.guard",
+            "worker.guard_ledger",
+            "worker.upesipay",
+        ),
+    ),
     ("runtime", ("worker.runtime",)),
     (
         "payment flow",
@@ -34,6 +54,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.settlement",
             "worker.other_channels",
             "worker.provider_callback",
+            "worker.reconcile",
             "worker.metrics",
         ),
     ),

@@ -99,7 +99,10 @@ def test_201_awaits_the_callback_and_holds_the_reservation(provider: Provider) -
     assert (stored.provider_reference, stored.checkout_request_id) == ("E8UWT7CLUW", "ws_CO_1")
     assert runtime.guard().phone_snapshot(payment.phone).in_flight == 1
     body = provider.pushes[0].read()
-    assert b'"phone_number": "0712345678"' in body and b"/callbacks/upesipay/" + payment.id.encode() in body
+    assert (
+        b'"phone_number": "0712345678"' in body
+        and b"/callbacks/upesipay/attempts/" + stored.guard_token.encode() in body
+    )
 
 
 def test_a_second_delivery_of_the_same_message_sends_nothing(provider: Provider) -> None:
@@ -228,9 +231,13 @@ def test_status_settlement_then_late_success_takes_back_an_assumed_failure(provi
     # Given no outcome for longer than the give-up time
     from datetime import timedelta
 
-    from worker.ledger import mark
+    from worker.attempts import get_attempt, mark_attempt
 
-    mark(runtime.engine(), payment.id, sent_at=monkey_old.sent_at - timedelta(hours=4))  # type: ignore[operator]
+    assert monkey_old.guard_token is not None
+    attempt = get_attempt(runtime.engine(), monkey_old.guard_token)
+    assert attempt is not None and attempt.sent_at is not None
+    # The attempt's own send time decides the age (polls refresh updated_at, never this).
+    mark_attempt(runtime.engine(), attempt.id, sent_at=attempt.sent_at - timedelta(hours=4))
     queued = StatusResult(TransactionStatus.QUEUED, "E8UWT7CLUW", None, None, None, "queued", None)
     assert settle_from_status(reload(payment), queued) == "gave-up"
     stored = reload(payment)
@@ -332,3 +339,134 @@ def test_the_bulk_lane_is_shared_by_batch_fewest_in_flight_first(provider: Provi
     mark(engine, loose.id, queue="bulk")
     transition(engine, loose.id, [PaymentState.PENDING], PaymentState.DEFERRED, next_attempt_at=utcnow())
     assert loose.id in _bulk_turns(waiting, 20)
+
+
+# ---- send attempts: each ending changes only its own attempt ----------------------------------------------------
+
+FAILED_STATUS = StatusResult(TransactionStatus.FAILED, "E8UWT7CLUW", None, None, None, "failed", None)
+
+
+def test_duplicate_settlement_pass_counts_once(provider: Provider) -> None:
+    payment = new_payment()
+    send_payment(payment.id)
+    stale = reload(payment)  # what both passes read
+    assert settle_from_status(stale, FAILED_STATUS) == "failed"
+    assert settle_from_status(stale, FAILED_STATUS) == "unchanged"
+    snapshot = runtime.guard().account_snapshot()
+    assert (snapshot.failures_in_window, snapshot.in_flight) == (1, 0)
+    assert reload(payment).state == PaymentState.FAILED
+
+
+def test_racing_settlement_passes_settle_once(provider: Provider) -> None:
+    import threading
+
+    payment = new_payment()
+    send_payment(payment.id)
+    stale = reload(payment)
+    start, results = threading.Barrier(2), []
+
+    def settle_pass() -> None:
+        start.wait()
+        results.append(settle_from_status(stale, FAILED_STATUS))
+
+    passes = [threading.Thread(target=settle_pass) for _ in range(2)]
+    for thread in passes:
+        thread.start()
+    for thread in passes:
+        thread.join()
+    assert sorted(results) == ["failed", "unchanged"]
+    assert runtime.guard().account_snapshot().failures_in_window == 1
+    from worker.attempts import attempts_of
+
+    (attempt,) = attempts_of(runtime.engine(), payment.id)
+    assert attempt.outcome is not None and attempt.outcome.value == "failure" and attempt.guard_resolved_at
+
+
+def test_late_callback_and_stale_pass_of_an_earlier_attempt_leave_the_current_one_alone(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from worker.attempts import attempts_of
+    from worker.signing import attempt_callback_url
+    from worker.web.app import create_app
+
+    # Given attempt 1 whose outcome was unknown, found absent at UpesiPay and sent again as attempt 2
+    provider.handler = lambda _r: httpx.Response(503, text="unavailable")
+    payment = new_payment()
+    send_payment(payment.id)
+    first = reload(payment)
+    monkeypatch.setattr("worker.settlement.publish_payment", lambda *_a, **_kw: True)
+    missing = StatusResult(TransactionStatus.NOT_FOUND, None, None, None, None, "no such request", None)
+    assert settle_from_status(first, missing) == "resent"
+    provider.handler = accepted
+    assert send_payment(payment.id) == (SendResult.ACCEPTED, None)
+    current = reload(payment)
+    assert first.guard_token and current.guard_token and current.guard_token != first.guard_token
+    # When attempt 1's callback arrives late, at the URL that names it, and a stale settlement pass of it runs
+    body = {
+        "response": {
+            "Amount": 100,
+            "CheckoutRequestID": "ws_CO_OLD",
+            "ExternalReference": "INV-1",
+            "Phone": "+254712345678",
+            "ResultCode": 1032,
+            "ResultDesc": "cancelled",
+        }
+    }
+    url = attempt_callback_url(runtime.settings(), first.guard_token).replace("http://callbacks.test", "")
+    answer = TestClient(create_app()).post(url, json=body)
+    # UpesiPay's answer to attempt 1 was never recorded, so nothing can tell its callback from a forged one: it is
+    # not applied (issue 15), and it touches attempt 2 even less
+    assert answer.status_code == 409
+    assert settle_from_status(first, FAILED_STATUS) == "unchanged"
+    # Then attempt 2 is still the one in flight, untouched, and the guard counted nothing
+    after = reload(payment)
+    assert (after.state, after.guard_token) == (PaymentState.AWAITING_CALLBACK, current.guard_token)
+    one, two = attempts_of(runtime.engine(), payment.id)
+    assert (one.number, one.outcome and one.outcome.value) == (1, "released")
+    assert (two.number, two.outcome) == (2, None)
+    snapshot = runtime.guard().account_snapshot()
+    assert (snapshot.failures_in_window, snapshot.in_flight) == (0, 1)
+    # And attempt 2's own callback settles it
+    body["response"]["CheckoutRequestID"] = "ws_CO_1"
+    url = attempt_callback_url(runtime.settings(), current.guard_token).replace("http://callbacks.test", "")
+    answer = TestClient(create_app()).post(url, json=body)
+    assert answer.status_code == 200 and answer.json()["status"] == "applied"
+    assert reload(payment).state == PaymentState.CANCELLED
+    assert runtime.guard().account_snapshot().failures_in_window == 1
+
+
+def test_verify_reports_and_repairs_only_a_reservation_whose_attempt_ended(provider: Provider) -> None:
+    from datetime import timedelta
+
+    from worker import reconcile
+    from worker.attempts import end_attempt, mark_attempt
+    from worker.ledger import AttemptOutcome, utcnow
+
+    # Given a send whose attempt the ledger ended (released, and noted as told) while the guard kept its
+    # reservation: a rebuild that read the attempt while it was still open
+    payment = new_payment()
+    send_payment(payment.id)
+    token = reload(payment).guard_token
+    assert token is not None
+    assert reconcile.verify_guard().count == 0
+    ended = end_attempt(
+        runtime.engine(),
+        token,
+        AttemptOutcome.RELEASED,
+        payment_from=[PaymentState.AWAITING_CALLBACK],
+        payment_to=PaymentState.PENDING,
+        guard_told=True,
+        guard_token=None,
+    )
+    assert ended.attempt_ended and ended.payment_moved
+    assert reconcile.verify_guard().count == 0  # within the settling time: it may be on its way
+    mark_attempt(runtime.engine(), token, outcome_at=utcnow() - timedelta(seconds=10))
+    # When beat verifies
+    drift = reconcile.verify_guard(repair=True)
+    # Then it names the leak, releases it, and the guard agrees with the ledger afterwards
+    assert drift.repaired == 1 and any(token in item for item in drift.items)
+    snapshot = runtime.guard().account_snapshot()
+    assert (snapshot.in_flight, snapshot.failures_in_window) == (0, 0)
+    assert reconcile.verify_guard().count == 0

@@ -100,31 +100,60 @@ def status(external_reference: str, as_json: bool) -> None:
     """Show one payment by its external reference."""
     from worker import runtime
     from worker.ledger import find_by_reference
-    from worker.web.access import payment_view
+    from worker.web.access import history_view
 
     payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
     if payment is None:
         fail("no payment with that external_reference", code=1)
         return
-    view = payment_view(payment)
+    view = history_view(payment)
     if as_json:
         click.echo(json.dumps(view))
         return
+    attempts = view.pop("attempts")
     for key, value in view.items():
         click.echo(f"{key:>20}: {value}")
+    for attempt in attempts:
+        ended = attempt["outcome"] or "in flight"
+        told = "guard told" if attempt["guard_told_at"] else "guard owed"
+        click.echo(
+            f"{'attempt ' + str(attempt['number']):>20}: {ended} (claimed {attempt['claimed_at']}, "
+            f"sent {attempt['sent_at']}, {told}){' <- current' if attempt['current'] else ''}"
+        )
 
 
-@main.command()
+class GuardGroup(click.Group):
+    """`stkpush guard [PHONE]` shows the guard; `stkpush guard rebuild|verify` are its subcommands."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands:
+            return "show", self.commands["show"], args
+        return super().resolve_command(ctx, args)
+
+
+@main.group(cls=GuardGroup, invoke_without_command=True, context_settings={"ignore_unknown_options": True})
+@click.pass_context
+def guard(ctx: click.Context) -> None:
+    """The abuse guard: show it (`stkpush guard [PHONE]`), rebuild it from the ledger, verify it."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(show)
+
+
+@guard.command(hidden=True)
 @click.argument("phone", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def guard(phone: str | None, as_json: bool) -> None:
+def show(phone: str | None = None, as_json: bool = False) -> None:
     """Show the guard's view of the account, or of one number (always masked)."""
     from dataclasses import asdict
 
     from worker import runtime
+    from worker.guard import recovery
     from worker.phones import PhoneNumberError, normalise_phone
 
     snapshot: dict[str, Any] = {"account": asdict(runtime.guard().account_snapshot())}
+    snapshot["account"]["rebuilt"] = recovery.has_state(runtime.guard())
     if phone:
         try:
             canonical = normalise_phone(phone)
@@ -141,6 +170,45 @@ def guard(phone: str | None, as_json: bool) -> None:
         click.echo(f"[{section}]")
         for key, value in values.items():
             click.echo(f"  {key:>22}: {value}")
+
+
+@guard.command()
+def rebuild() -> None:
+    """Rebuild the guard's state from the ledger now (admits refuse for the moment it takes)."""
+    from worker import reconcile, runtime
+    from worker.guard import GuardUnavailable
+
+    try:
+        reconcile.rebuild_guard(force=True)
+        snapshot = runtime.guard().account_snapshot()
+    except GuardUnavailable:
+        fail("Redis does not answer: the guard cannot be rebuilt now", code=1)
+        return
+    click.echo(
+        f"rebuilt from the ledger: {snapshot.failures_in_window} failures in the window, "
+        f"{snapshot.in_flight} in flight, headroom {snapshot.headroom}"
+    )
+
+
+@guard.command()
+@click.option("--repair", is_flag=True, help="Also resolve reservations whose attempt has ended.")
+def verify(repair: bool) -> None:
+    """Compare the guard's live state with what the ledger implies; exit 1 on drift."""
+    from worker import reconcile
+    from worker.guard import GuardUnavailable
+
+    try:
+        drift = reconcile.verify_guard(repair=repair)
+    except GuardUnavailable:
+        fail("Redis does not answer: the guard cannot be verified now", code=1)
+        return
+    for item in drift.items:
+        click.echo(f"drift: {item}")
+    if drift.repaired:
+        click.echo(f"repaired {drift.repaired}")
+    if drift.count:
+        raise SystemExit(1)
+    click.echo("no drift: the guard agrees with the ledger")
 
 
 @main.group()

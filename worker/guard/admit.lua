@@ -3,14 +3,21 @@
 -- (the budget minus the interactive reserve, the bulk in-flight cap) (ARGV[1] and KEYS: see lib.lua)
 -- Returns one integer (a small reply on the hot path): 0 admitted; -1 the token already holds a reservation for
 -- another number; otherwise (retry_ms + 1) * 8 + reason, reason 1 phone blocked, 2 phone busy, 3 account budget,
--- 4 account restricted, 5 bulk lane full, and retry_ms -1 when only a resolve can help.
+-- 4 account restricted, 5 bulk lane full, 6 the guard's state is gone (no marker 'e'), and retry_ms -1 when
+-- only a resolve (or a rebuild) can help.
 -- A bulk reservation is stored as 'b' .. phone, so resolve knows which lane's count to lower.
 local state, window_key = KEYS[1], KEYS[2]
 local phone, reservation, lane = ARGV[2], 't:' .. ARGV[3], ARGV[4]
 
 -- One read: the token's reservation, the number's state, in flight, restriction, latest block end, TTL due,
--- bulk in flight.
-local got = redis.call('HMGET', state, reservation, phone, 'n', 'ru', 'bz', 'x', 'nb')
+-- bulk in flight, and the rebuild marker.
+local got = redis.call('HMGET', state, reservation, phone, 'n', 'ru', 'bz', 'x', 'nb', 'e')
+
+-- No marker: Redis lost the state (a restart without data, a failover that lost writes). Counting from zero
+-- would spend a budget the provider still counts: refuse until the state is rebuilt from the ledger.
+if not got[8] then
+  return 6
+end
 
 -- A redelivered task admits again with the same token: it already holds the reservation (in its first lane).
 if got[1] then

@@ -87,6 +87,7 @@ class RefusalReason(StrEnum):
     BULK_LANE_FULL = (
         "bulk_lane_full"  # bulk only: the interactive reserve or the bulk in-flight cap is reached
     )
+    GUARD_REBUILDING = "guard_rebuilding"  # the state is gone (no marker) until rebuilt from the ledger
 
 
 _REASON_BY_CODE = {
@@ -95,7 +96,10 @@ _REASON_BY_CODE = {
     3: RefusalReason.ACCOUNT_BUDGET,
     4: RefusalReason.ACCOUNT_RESTRICTED,
     5: RefusalReason.BULK_LANE_FULL,
+    6: RefusalReason.GUARD_REBUILDING,
 }
+# Retry hint while the state is being rebuilt: beat rebuilds within a dispatch interval or two.
+REBUILD_POLL_S = 2.0
 
 
 class GuardUnavailable(RuntimeError):
@@ -285,6 +289,8 @@ class Guard:
         self._release_script = redis.register_script(_script_text("release"))
         self._external_script = redis.register_script(_script_text("external"))
         self._snapshot_script = redis.register_script(_script_text("snapshot"))
+        self._rebuild_script = redis.register_script(_script_text("rebuild"))
+        self._dump_script = redis.register_script(_script_text("dump"))
 
     # -- the two hot paths -------------------------------------------------------------------------------------
 
@@ -309,6 +315,8 @@ class Guard:
             raise ValueError("token already holds a reservation for another number")
         retry_plus_one, code = divmod(answer, 8)
         retry_after = self.limits.busy_poll_s if retry_plus_one == 0 else (retry_plus_one - 1) / 1000
+        if code == 6:
+            retry_after = min(REBUILD_POLL_S, self.limits.busy_poll_s)
         return Decision(False, _REASON_BY_CODE[code], retry_after)
 
     def resolve(self, token: str, outcome: Outcome) -> bool:

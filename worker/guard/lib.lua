@@ -17,6 +17,8 @@
 --   bl              the provider's blocks on numbers: ';<phone>:<until ms>' each (rare, so a short string)
 --   bz              the latest end in bl, so admit reads bl only while some block runs
 --   x, xw           guard time until which the state hash's and the window's TTLs need no top-up
+--   e               the rebuild marker: the epoch of the ledger rebuild this state descends from (rebuild.lua).
+--                   Without it admit refuses everything: the state is not known to be complete.
 -- One hash keeps a tracked number under 100 bytes, and lets resolve (which only knows the token) reach the
 -- number's state through a key passed in KEYS. run_seq is the sequence number of the first failure of the
 -- current streak; revert uses it to tell whether a failure still belongs to the streak.

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import Header, HTTPException
 
 from worker import runtime
+from worker.attempts import attempts_of
 from worker.ledger import Payment
 from worker.phones import mask_phone
 
@@ -29,6 +30,27 @@ def payment_view(payment: Payment) -> dict[str, Any]:
         "settled_at": payment.settled_at.isoformat() if payment.settled_at else None,
         "expires_at": payment.expires_at.isoformat() if payment.expires_at else None,
     }
+
+
+def history_view(payment: Payment) -> dict[str, Any]:
+    """The payment with its send attempts, oldest first: what each attempt was told and how it ended."""
+    attempts = [
+        {
+            "attempt": attempt.id,
+            "number": attempt.number,
+            "lane": attempt.lane,
+            "claimed_at": attempt.created_at.isoformat(),
+            "sent_at": attempt.sent_at.isoformat() if attempt.sent_at else None,
+            "provider_reference": attempt.provider_reference,
+            "checkout_request_id": attempt.checkout_request_id,
+            "outcome": attempt.outcome.value if attempt.outcome else None,
+            "outcome_at": attempt.outcome_at.isoformat() if attempt.outcome_at else None,
+            "guard_told_at": attempt.guard_resolved_at.isoformat() if attempt.guard_resolved_at else None,
+            "current": attempt.id == payment.guard_token,
+        }
+        for attempt in attempts_of(runtime.engine(), payment.id)
+    ]
+    return {**payment_view(payment), "attempts": attempts}
 
 
 def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from worker import runtime
+from worker.guard import recovery
 from worker.ledger import utcnow
 from worker.logs import setup_logging
 from worker.migrations import DatabaseNotMigrated, require_migrated
@@ -60,8 +61,21 @@ def create_app() -> FastAPI:
         except Exception as error:
             checks["redis"] = f"error: {type(error).__name__}"
         healthy = all(value == "ok" for value in checks.values())
+        # Said, not failed on: while the guard is rebuilt nothing is sent, but callbacks must still be taken in,
+        # so a load balancer must keep this instance.
+        guard = "unknown"
+        if checks["redis"] == "ok":
+            try:
+                guard = "ok" if recovery.has_state(runtime.guard()) else "rebuilding: sends refused"
+            except Exception as error:
+                guard = f"error: {type(error).__name__}"
         return JSONResponse(
-            {"status": "ok" if healthy else "degraded", "time": utcnow().isoformat(), **checks},
+            {
+                "status": "ok" if healthy else "degraded",
+                "time": utcnow().isoformat(),
+                **checks,
+                "guard": guard,
+            },
             status_code=200 if healthy else 503,
         )
 

@@ -14,7 +14,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from worker import other_channels, runtime
+from worker import other_channels, reconcile, runtime
+from worker.guard import recovery
 from worker.ledger import Payment, PaymentState, count_by_state, session_scope, utcnow
 from worker.metrics import shared
 
@@ -120,6 +121,17 @@ class StkpushCollector(Collector):
         yield _gauge("stkpush_guard_restricted_seconds", "Seconds until the restriction ends.", restricted_s)
         yield _gauge(
             "stkpush_guard_blocked_numbers", "Numbers under a provider block.", snapshot.blocked_numbers
+        )
+        yield _gauge(
+            "stkpush_guard_rebuilding",
+            "1 while the guard's state is gone (Redis lost it) and every admit is refused until the rebuild.",
+            0 if recovery.has_state(guard) else 1,
+        )
+        drift = reconcile.last_drift()
+        yield _gauge(
+            "stkpush_guard_drift",
+            "Differences between the guard and the ledger found by the latest verify (-1: none ran lately).",
+            -1 if drift is None else drift,
         )
         yield _gauge(
             "stkpush_sending_paused_seconds",

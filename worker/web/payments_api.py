@@ -41,7 +41,7 @@ from producers.enqueue import PaymentConflictError, enqueue_payment
 from producers.validation import PaymentValidationError, expires_in_error, validate_payment
 from worker import batch_brake, runtime
 from worker.ledger import find_by_reference, get_payment
-from worker.web.access import payment_view, require_api_key
+from worker.web.access import history_view, payment_view, require_api_key
 
 log = logging.getLogger("stkpush.api")
 
@@ -378,4 +378,4 @@ def payment_status(external_reference: str) -> dict[str, Any]:
     payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
     if payment is None:
         raise HTTPException(404, detail="no payment with that external_reference")
-    return payment_view(payment)
+    return history_view(payment)
