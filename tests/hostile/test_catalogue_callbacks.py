@@ -21,7 +21,15 @@ from tests.hostile.conftest import (
     reference,
 )
 from worker import runtime
-from worker.ledger import Payment, PaymentState, get_payment, session_scope
+from worker.ledger import (
+    AttemptOutcome,
+    Payment,
+    PaymentState,
+    SendAttempt,
+    get_payment,
+    session_scope,
+    utcnow,
+)
 from worker.local.stack import Stack
 from worker.signing import callback_url
 
@@ -44,9 +52,23 @@ def awaiting_payment(stack: Stack) -> Payment:
         state=PaymentState.AWAITING_CALLBACK,
         provider_reference="E8UWT7CLUW",
         checkout_request_id="ws_CO_01122026101500000733445566",
+        sent_at=utcnow(),
+    )
+    # Sent through a send attempt, as every payment is: the callback settles that attempt.
+    payment.guard_token = f"{payment.id}.a1"
+    attempt = SendAttempt(
+        id=payment.guard_token,
+        payment_id=payment.id,
+        account=payment.account,
+        number=1,
+        sent_at=payment.sent_at,
+        provider_reference=payment.provider_reference,
+        checkout_request_id=payment.checkout_request_id,
     )
     with session_scope(runtime.engine()) as session:
         session.add(payment)
+        session.flush()
+        session.add(attempt)
         session.commit()
     return payment
 
@@ -156,6 +178,16 @@ def given_up(payment: Payment, *, checkout_request_id: str | None) -> Payment:
         row.reason = "unsettled: no outcome from UpesiPay after 10800s (last status QUEUED)"
         row.checkout_request_id = checkout_request_id
         session.add(row)
+        attempt = session.get(SendAttempt, row.guard_token)
+        assert attempt is not None
+        # Settlement's give-up ends the attempt as a failure (and tells the guard).
+        attempt.outcome, attempt.outcome_at, attempt.guard_resolved_at = (
+            AttemptOutcome.FAILURE,
+            utcnow(),
+            utcnow(),
+        )
+        attempt.checkout_request_id = checkout_request_id
+        session.add(attempt)
         session.commit()
         session.refresh(row)
         return row

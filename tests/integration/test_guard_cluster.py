@@ -40,7 +40,9 @@ def client(cluster: EmbeddedRedisCluster) -> Iterator[RedisCluster]:
 
 def guard_for(client: RedisCluster, account: str, clock: Clock) -> Guard:
     guard = Guard(client, account, LIMITS, clock=clock)  # type: ignore[arg-type]
-    recovery.start_empty(guard)  # a new account: the ledger has nothing for it (once; later calls change nothing)
+    recovery.start_empty(
+        guard
+    )  # a new account: the ledger has nothing for it (once; later calls change nothing)
     return guard
 
 
