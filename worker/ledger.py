@@ -16,9 +16,11 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Engine, UniqueConstraint, event, update
+from sqlalchemy import select as table_select
 from sqlalchemy.engine import make_url
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
+from worker import events
 from worker.logs import log_state_change
 
 
@@ -175,10 +177,18 @@ def transition(
     statement = (
         update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(allowed)).values(**values)
     )
+    committed = None
     with engine.begin() as connection:
         moved = bool(connection.execute(statement).rowcount == 1)
+        if moved and to_state in TERMINAL_STATES:
+            # The outbox: the merchant's event commits with the change or not at all.
+            table = Payment.__table__  # type: ignore[attr-defined]
+            row = connection.execute(table_select(table).where(col(Payment.id) == payment_id)).one()
+            committed = events.record_for_transition(connection, row, frozenset(allowed))
     if moved:
         log_state_change(payment_id, to_state.value, fields.get("reason"))
+    if committed is not None:
+        events.announce([committed])
     return moved
 
 

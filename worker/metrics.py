@@ -35,6 +35,8 @@ __all__ = [
     "record_guard_decision",
     "record_push",
     "record_settlement",
+    "record_webhook_delivery",
+    "record_webhook_endpoint_disabled",
 ]
 
 log = logging.getLogger("stkpush.metrics")
@@ -67,7 +69,25 @@ CALLBACKS = CounterSpec(
 SETTLEMENTS = CounterSpec(
     "stkpush_settlements", "Payments settled by asking UpesiPay (transaction-status), by result.", ("result",)
 )
-COUNTERS = (PUSHES, GUARD_DECISIONS, GUARD_REFUSALS, CALLBACKS, SETTLEMENTS)
+WEBHOOK_DELIVERIES = CounterSpec(
+    "stkpush_webhook_deliveries",
+    "Webhook and hook delivery attempts, by result (delivered, retry, gave-up).",
+    ("result",),
+)
+WEBHOOK_ENDPOINTS_DISABLED = CounterSpec(
+    "stkpush_webhook_endpoints_disabled",
+    "Webhook endpoints disabled automatically after failing for WEBHOOK_DISABLE_AFTER_S.",
+    ("reason",),
+)
+COUNTERS = (
+    PUSHES,
+    GUARD_DECISIONS,
+    GUARD_REFUSALS,
+    CALLBACKS,
+    SETTLEMENTS,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_ENDPOINTS_DISABLED,
+)
 LATENCY_NAME = "stkpush_provider_latency_seconds"
 LATENCY_DOC = "Time UpesiPay took to answer a push request (connection failures excluded)."
 
@@ -164,6 +184,14 @@ def record_callback(result_code: int, applied: bool) -> None:
 
 def record_settlement(result: str) -> None:
     _safely(lambda: shared().inc(SETTLEMENTS, result))
+
+
+def record_webhook_delivery(result: str) -> None:
+    _safely(lambda: shared().inc(WEBHOOK_DELIVERIES, result))
+
+
+def record_webhook_endpoint_disabled() -> None:
+    _safely(lambda: shared().inc(WEBHOOK_ENDPOINTS_DISABLED, "failing"))
 
 
 def _safely(increment: Callable[[], None]) -> None:

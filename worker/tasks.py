@@ -6,6 +6,10 @@ from celery import shared_task
 
 from worker import dispatch, settlement
 from worker.sending import send_payment
+from worker.webhooks import delivery, outbox
+
+# Workers release a new event's deliveries and wake `?wait=` requests right after their own transitions commit.
+outbox.install()
 
 
 @shared_task(name="stkpush.stk_push", acks_late=True, ignore_result=True)
@@ -31,3 +35,13 @@ def requeue_stale() -> int:
 @shared_task(name="stkpush.dispatch.settle", ignore_result=True)
 def settle() -> int:
     return settlement.settle_due()
+
+
+@shared_task(name="stkpush.dispatch.release_webhooks", ignore_result=True)
+def release_webhooks() -> int:
+    return delivery.release_due()
+
+
+@shared_task(name="stkpush.webhooks.deliver", acks_late=True, ignore_result=True)
+def deliver_webhook(delivery_id: int, lease_token: str) -> str:
+    return delivery.deliver(delivery_id, lease_token)

@@ -41,9 +41,17 @@ def postgres_engine(postgres_url: str) -> Iterator[Engine]:
     with engine.begin() as connection:
         schema = connection.execute(text("SELECT current_schema()")).scalar_one()
         assert schema.startswith("stkpush_test_"), schema
-        for table in ("payment", "batch", "alembic_version"):
+        for table in (
+            "payment",
+            "batch",
+            "event",
+            "webhook_endpoint",
+            "webhook_delivery",
+            "webhook_attempt",
+            "alembic_version",
+        ):
             connection.execute(text(f'DROP TABLE IF EXISTS "{table}" CASCADE'))
-        for enum in ("paymentstate", "batchstate"):
+        for enum in ("paymentstate", "batchstate", "deliverystate"):
             connection.execute(text(f'DROP TYPE IF EXISTS "{enum}"'))
     yield engine
     engine.dispose()
@@ -58,7 +66,15 @@ def empty_engine(request: pytest.FixtureRequest) -> Engine:
 def test_migrations_run_forward_from_an_empty_database(empty_engine: Engine) -> None:
     assert inspect(empty_engine).get_table_names() == []
     upgrade(empty_engine)
-    assert set(inspect(empty_engine).get_table_names()) == {"payment", "batch", "alembic_version"}
+    assert set(inspect(empty_engine).get_table_names()) == {
+        "payment",
+        "batch",
+        "event",
+        "webhook_endpoint",
+        "webhook_delivery",
+        "webhook_attempt",
+        "alembic_version",
+    }
     assert current_revisions(empty_engine) == head_revisions()
     require_migrated(empty_engine)
     upgrade(empty_engine)  # again: nothing to do
@@ -68,7 +84,14 @@ def test_migrations_run_forward_from_an_empty_database(empty_engine: Engine) -> 
 def test_migrations_describe_exactly_the_models(empty_engine: Engine) -> None:
     # What `alembic check` does: autogenerate against the migrated database must find nothing to add.
     upgrade(empty_engine)
-    assert set(SQLModel.metadata.tables) == {"payment", "batch"}
+    assert set(SQLModel.metadata.tables) == {
+        "payment",
+        "batch",
+        "event",
+        "webhook_endpoint",
+        "webhook_delivery",
+        "webhook_attempt",
+    }
     assert schema_drift(empty_engine) == []
 
 

@@ -18,8 +18,28 @@ PACKAGES = ("worker", "producers")
 
 # Lowest first. A module may import modules of its own layer and of the layers before it, never after.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("worker.settings", "worker.phones", "worker.logs", "worker.signing", "worker.pause")),
-    ("records and provider", ("worker.ledger", "worker.migrations", "worker.guard", "worker.upesipay")),
+    (
+        "base",
+        (
+            "worker.settings",
+            "worker.phones",
+            "worker.logs",
+            "worker.signing",
+            "worker.pause",
+            "worker.webhooks.signature",
+        ),
+    ),
+    (
+        "records and provider",
+        (
+            "worker.ledger",
+            "worker.events",
+            "worker.webhooks.store",
+            "worker.migrations",
+            "worker.guard",
+            "worker.upesipay",
+        ),
+    ),
     ("runtime", ("worker.runtime",)),
     (
         "payment flow",
@@ -31,6 +51,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.dispatch",
             "worker.settlement",
             "worker.metrics",
+            "worker.webhooks",
         ),
     ),
     ("producers", ("producers",)),
