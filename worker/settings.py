@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # An endpoint failing without a single success for this long is disabled (loud log, metric); its waiting
     # deliveries stay in the ledger for `stkpush webhook enable`.
     webhook_disable_after_s: int = Field(default=3 * 24 * 3600, ge=1)
+    # How long a released delivery is reserved for the worker holding its message; a worker that dies mid-delivery
+    # is noticed after this (then beat releases it again). Longer than the timeout; shorter only risks duplicates.
+    webhook_lease_s: float = Field(default=120.0, gt=0)
     # The Python hook: a Celery task of the merchant's app (same broker) sent every event, e.g.
     # myshop.tasks.payment_settled, on the merchant's own queue (Celery's default queue is named "celery").
     stkpush_on_outcome_task: str = Field(
@@ -128,6 +131,8 @@ class Settings(BaseSettings):
     def _bounds(self) -> Settings:
         if self.amount_min > self.amount_max:
             raise ValueError("AMOUNT_MIN must not exceed AMOUNT_MAX")
+        if self.webhook_lease_s <= self.webhook_timeout_s:
+            raise ValueError("WEBHOOK_LEASE_S must be longer than WEBHOOK_TIMEOUT_S")
         if self.send_backoff_cap_s * 2 > self.visibility_timeout_s:
             raise ValueError("SEND_BACKOFF_CAP_S must be at most half of VISIBILITY_TIMEOUT_S")
         return self

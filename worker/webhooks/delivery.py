@@ -44,15 +44,12 @@ log = logging.getLogger("stkpush.webhooks")
 
 DELIVER_TASK = "stkpush.webhooks.deliver"
 WEBHOOKS_QUEUE = "webhooks"
-# Beyond the HTTP timeout, the time a leased delivery may sit in the queue or be recorded before beat may hand it
-# to another worker. Too short only risks a duplicate, which receivers tolerate.
-LEASE_MARGIN_S = 60.0
 TICK_LIMIT = 500
 USER_AGENT = "stkpush-webhooks/1"
 
 
 def lease_s(settings: Settings) -> float:
-    return settings.webhook_timeout_s + LEASE_MARGIN_S
+    return settings.webhook_lease_s
 
 
 def retry_delay_s(settings: Settings, attempts: int) -> float:
