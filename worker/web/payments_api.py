@@ -13,10 +13,12 @@ stays INGESTING: upload the same file again, which records nothing twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -40,8 +42,9 @@ from producers.batch import (
 from producers.enqueue import PaymentConflictError, enqueue_payment
 from producers.validation import PaymentValidationError, validate_payment
 from worker import runtime
-from worker.ledger import find_by_reference, get_payment
+from worker.ledger import TERMINAL_STATES, Payment, find_by_reference, get_payment
 from worker.web.access import payment_view, require_api_key
+from worker.web.waiting import waiters
 
 log = logging.getLogger("stkpush.api")
 
@@ -337,11 +340,61 @@ def get_batch_rejects(batch_id: str) -> FileResponse:
 
 @router.get(
     "/payments/{external_reference}",
-    summary="One payment by its external_reference (phone masked)",
-    responses={404: {"description": "no such payment"}},
+    summary="One payment by its external_reference (phone masked); ?wait=N holds until it settles",
+    responses={
+        404: {"description": "no such payment"},
+        422: {"model": ValidationProblem, "description": "wait out of range"},
+    },
 )
-def payment_status(external_reference: str) -> dict[str, Any]:
-    payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
+async def payment_status(
+    external_reference: str,
+    wait: Annotated[
+        str | None,
+        Query(
+            description="Seconds to hold the request while the payment is in flight (0..PAYMENT_WAIT_MAX_S)"
+        ),
+    ] = None,
+) -> JSONResponse:
+    settings = runtime.settings()
+    wait_s = 0
+    if wait is not None:
+        rule = f"must be a whole number of seconds from 0 to {settings.payment_wait_max_s}"
+        if not wait.isdigit() or int(wait) > settings.payment_wait_max_s:
+            return problem(422, "invalid wait", [{"field": "wait", "rule": rule}])
+        wait_s = int(wait)
+
+    def read() -> Payment | None:
+        return find_by_reference(runtime.engine(), settings.upesipay_account, external_reference)
+
+    payment = await run_in_threadpool(read)
     if payment is None:
-        raise HTTPException(404, detail="no payment with that external_reference")
-    return payment_view(payment)
+        return JSONResponse({"detail": "no payment with that external_reference"}, status_code=404)
+    if wait_s and payment.state not in TERMINAL_STATES:
+        payment = await _wait_for_outcome(external_reference, wait_s, read) or payment
+    return JSONResponse(payment_view(payment))
+
+
+async def _wait_for_outcome(
+    reference: str, wait_s: int, read: Callable[[], Payment | None]
+) -> Payment | None:
+    """Sleep until a note for `reference` arrives or the wait ends; read the ledger on each wake and at the end."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    await run_in_threadpool(waiters.ensure_listening)  # the first wait of a process starts the subscriber
+    entry = waiters.register(reference)
+    _, woken = entry
+    try:
+        # Registered first, then read: a settlement between the first read and the registration is not missed.
+        payment = await run_in_threadpool(read)
+        while payment is not None and payment.state not in TERMINAL_STATES:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(woken.wait(), timeout=remaining)
+            except TimeoutError:
+                pass
+            woken.clear()
+            payment = await run_in_threadpool(read)
+        return payment
+    finally:
+        waiters.unregister(reference, entry)
