@@ -35,7 +35,6 @@ __all__ = [
     "record_guard_decision",
     "record_push",
     "record_settlement",
-    "record_webhook_delivery",
     "record_webhook_endpoint_disabled",
 ]
 
@@ -69,14 +68,9 @@ CALLBACKS = CounterSpec(
 SETTLEMENTS = CounterSpec(
     "stkpush_settlements", "Payments settled by asking UpesiPay (transaction-status), by result.", ("result",)
 )
-WEBHOOK_DELIVERIES = CounterSpec(
-    "stkpush_webhook_deliveries",
-    "Webhook and hook delivery attempts, by result (delivered, retry, gave-up).",
-    ("result",),
-)
 WEBHOOK_ENDPOINTS_DISABLED = CounterSpec(
-    "stkpush_webhook_endpoints_disabled",
-    "Webhook endpoints disabled automatically after failing for WEBHOOK_DISABLE_AFTER_S.",
+    "stkpush_webhook_endpoint_disablings",
+    "Times a webhook endpoint was disabled automatically after failing for WEBHOOK_DISABLE_AFTER_S.",
     ("reason",),
 )
 COUNTERS = (
@@ -85,7 +79,6 @@ COUNTERS = (
     GUARD_REFUSALS,
     CALLBACKS,
     SETTLEMENTS,
-    WEBHOOK_DELIVERIES,
     WEBHOOK_ENDPOINTS_DISABLED,
 )
 LATENCY_NAME = "stkpush_provider_latency_seconds"
@@ -184,10 +177,6 @@ def record_callback(result_code: int, applied: bool) -> None:
 
 def record_settlement(result: str) -> None:
     _safely(lambda: shared().inc(SETTLEMENTS, result))
-
-
-def record_webhook_delivery(result: str) -> None:
-    _safely(lambda: shared().inc(WEBHOOK_DELIVERIES, result))
 
 
 def record_webhook_endpoint_disabled() -> None:

@@ -6,7 +6,7 @@ from celery import shared_task
 
 from worker import dispatch, settlement
 from worker.sending import send_payment
-from worker.webhooks import delivery, outbox
+from worker.webhooks import delivery, outbox, release
 
 # Workers release a new event's deliveries and wake `?wait=` requests right after their own transitions commit.
 outbox.install()
@@ -39,9 +39,9 @@ def settle() -> int:
 
 @shared_task(name="stkpush.dispatch.release_webhooks", ignore_result=True)
 def release_webhooks() -> int:
-    return delivery.release_due()
+    return release.release()
 
 
 @shared_task(name="stkpush.webhooks.deliver", acks_late=True, ignore_result=True)
-def deliver_webhook(delivery_id: int, lease_token: str) -> str:
-    return delivery.deliver(delivery_id, lease_token)
+def deliver_webhooks(delivery_ids: list[int], lease_token: str) -> dict[str, int]:
+    return delivery.deliver(delivery_ids, lease_token)

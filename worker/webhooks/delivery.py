@@ -1,14 +1,11 @@
-"""Delivering events: release a due delivery (lease it, queue `stkpush.webhooks.deliver`), then POST it signed,
-record the attempt, and schedule the retry or disable an endpoint that has failed for days.
+"""Delivering leased events: POST each signed (or send it to the Python hook), record the outcomes, schedule the
+retries, and disable an endpoint that has failed for days. Runs in the `stkpush.webhooks.deliver` task.
 
-Deliveries wait in the ledger (`next_attempt_at`), never as long Celery countdowns: kombu's Redis transport
-redelivers an ETA message that outlives `visibility_timeout`, and a retry schedule of days would outlive it.
-A release hands the message a fresh `lease_token`; only the message carrying it may claim the delivery, so a
-duplicate message does nothing, and a worker that dies mid-delivery leaves a lease that runs out, after which beat
-releases the delivery again (at least once; the receiver drops duplicates by event id).
-
-Order per payment: a delivery is released only when no earlier event of the same payment is still PENDING for
-the same target, so a receiver never hears `payment.succeeded_after_failure` before `payment.expired`.
+A message names a few deliveries to one target and the lease token they were released under
+(worker.webhooks.release). There is no separate claim: the token is the claim. Celery redelivering the message
+after its worker died posts again at once, which is the point; a message of an older lease finds its token
+replaced and does nothing. Outcomes are recorded only under the token that was posted, in one transaction per
+message; a worker dying before it leaves the deliveries leased until the lease runs out, then they go again.
 """
 
 from __future__ import annotations
@@ -16,40 +13,97 @@ from __future__ import annotations
 import json
 import logging
 import random
-import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any
 
 import httpx
-from sqlalchemy import and_, exists, or_, update
-from sqlalchemy.orm import aliased
-from sqlmodel import col, select
+from sqlalchemy import Connection, bindparam, exists, insert, select, update
+from sqlmodel import col
 
 from worker import metrics, runtime
 from worker.events import Event
-from worker.ledger import session_scope, utcnow
+from worker.ledger import utcnow
 from worker.settings import Settings
+from worker.webhooks.release import release
 from worker.webhooks.signature import EVENT_ID_HEADER, SIGNATURE_HEADER, signature_header
-from worker.webhooks.store import (
-    HOOK_TARGET,
-    DeliveryState,
-    WebhookAttempt,
-    WebhookDelivery,
-    WebhookEndpoint,
-)
+from worker.webhooks.store import HOOK_TARGET, DeliveryState, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger("stkpush.webhooks")
 
-DELIVER_TASK = "stkpush.webhooks.deliver"
-WEBHOOKS_QUEUE = "webhooks"
-TICK_LIMIT = 500
 USER_AGENT = "stkpush-webhooks/1"
 
+_D = WebhookDelivery.__table__.c  # type: ignore[attr-defined]
+_E = Event.__table__.c  # type: ignore[attr-defined]
+_W = WebhookEndpoint.__table__.c  # type: ignore[attr-defined]
+_LATER = WebhookDelivery.__table__.alias("later")  # type: ignore[attr-defined]
 
-def lease_s(settings: Settings) -> float:
-    return settings.webhook_lease_s
+_LOAD = (
+    select(
+        _D.id,
+        _D.endpoint_id,
+        _D.payment_id,
+        _D.attempts,
+        _D.created_at,
+        _E.id.label("event_id"),
+        _E.payload,
+        _W.url,
+        _W.secret,
+        _W.enabled,
+        _W.failing_since,
+        exists()
+        .where(
+            _LATER.c.endpoint_id == _D.endpoint_id,
+            _LATER.c.payment_id == _D.payment_id,
+            _LATER.c.state == DeliveryState.PENDING,
+            _LATER.c.event_seq > _D.event_seq,
+        )
+        .label("has_following"),
+    )
+    .select_from(
+        WebhookDelivery.__table__.join(Event.__table__, _E.seq == _D.event_seq).outerjoin(  # type: ignore[attr-defined]
+            WebhookEndpoint.__table__,  # type: ignore[attr-defined]
+            _W.id == _D.endpoint_id,
+        )
+    )
+    .where(
+        _D.id.in_(bindparam("ids", expanding=True)),
+        _D.state == DeliveryState.PENDING,
+        _D.lease_token == bindparam("token"),
+    )
+    .order_by(_D.next_attempt_at, _D.event_seq)
+)
+_RECORD = (
+    update(WebhookDelivery.__table__)  # type: ignore[attr-defined]
+    .where(_D.id == bindparam("delivery_id"), _D.lease_token == bindparam("token"))
+    .values(
+        attempts=bindparam("attempts"),
+        last_status_code=bindparam("status_code"),
+        last_error=bindparam("error"),
+        state=bindparam("new_state"),
+        next_attempt_at=bindparam("next_at"),
+        delivered_at=bindparam("delivered"),
+        lease_token=None,
+        lease_until=None,
+    )
+)
+_UNLEASE = (
+    update(WebhookDelivery.__table__)  # type: ignore[attr-defined]
+    .where(_D.id == bindparam("delivery_id"), _D.lease_token == bindparam("token"))
+    .values(lease_token=None, lease_until=None)
+)
+_NEXT_OF_PAYMENT = (
+    select(_D.id)
+    .where(
+        _D.endpoint_id == bindparam("endpoint_id"),
+        _D.payment_id == bindparam("payment_id"),
+        _D.state == DeliveryState.PENDING,
+        _D.id != bindparam("delivery_id"),
+    )
+    .order_by(_D.event_seq)
+    .limit(1)
+)
 
 
 def retry_delay_s(settings: Settings, attempts: int) -> float:
@@ -60,57 +114,29 @@ def retry_delay_s(settings: Settings, attempts: int) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-def _releasable(now: datetime) -> Any:
-    earlier = aliased(WebhookDelivery)
-    enabled = select(col(WebhookEndpoint.id)).where(col(WebhookEndpoint.enabled).is_(True))
-    return and_(
-        col(WebhookDelivery.state) == DeliveryState.PENDING,
-        col(WebhookDelivery.next_attempt_at) <= now,
-        or_(col(WebhookDelivery.lease_until).is_(None), col(WebhookDelivery.lease_until) <= now),
-        or_(col(WebhookDelivery.endpoint_id) == HOOK_TARGET, col(WebhookDelivery.endpoint_id).in_(enabled)),
-        ~exists().where(
-            col(earlier.endpoint_id) == col(WebhookDelivery.endpoint_id),
-            col(earlier.payment_id) == col(WebhookDelivery.payment_id),
-            col(earlier.state) == DeliveryState.PENDING,
-            col(earlier.event_seq) < col(WebhookDelivery.event_seq),
-        ),
-    )
+@dataclass(frozen=True)
+class Leased:
+    delivery_id: int
+    endpoint_id: str
+    payment_id: str | None
+    attempts: int
+    created_at: datetime
+    event_id: str
+    payload: str
+    url: str | None
+    secret: str | None
+    enabled: bool
+    failing_since: datetime | None
+    has_following: bool  # a later event of the same payment waits behind this one for the same target
 
 
-def release(delivery_id: int) -> bool:
-    """Lease one due delivery and queue its message; False when it is not due, leased, or behind another."""
-    settings = runtime.settings()
-    now = utcnow()
-    token = secrets.token_hex(16)
-    with runtime.engine().begin() as connection:
-        moved = connection.execute(
-            update(WebhookDelivery)
-            .where(col(WebhookDelivery.id) == delivery_id, _releasable(now))
-            .values(lease_token=token, lease_until=now + timedelta(seconds=lease_s(settings)))
-        ).rowcount
-    if moved != 1:
-        return False
-    from worker.celery_app import app
-
-    try:
-        app.send_task(DELIVER_TASK, args=[delivery_id, token], queue=WEBHOOKS_QUEUE, retry=False)
-    except Exception as error:  # the lease runs out and beat releases it again
-        log.warning("webhook delivery %d not queued (%s)", delivery_id, type(error).__name__)
-        return False
-    return True
-
-
-def release_due(limit: int = TICK_LIMIT) -> int:
-    """Beat's tick: release every due delivery (first retries, deliveries whose worker died, ones left behind)."""
-    now = utcnow()
-    with session_scope(runtime.engine()) as session:
-        ids = session.exec(
-            select(WebhookDelivery.id)
-            .where(_releasable(now))
-            .order_by(col(WebhookDelivery.next_attempt_at), col(WebhookDelivery.event_seq))
-            .limit(limit)
-        ).all()
-    return sum(release(delivery_id) for delivery_id in ids if delivery_id is not None)
+@dataclass(frozen=True)
+class Attempt:
+    leased: Leased
+    ok: bool
+    status_code: int | None
+    error: str | None
+    duration_ms: int
 
 
 @lru_cache(maxsize=1)
@@ -120,55 +146,63 @@ def _http() -> httpx.Client:
     return httpx.Client(timeout=runtime.settings().webhook_timeout_s, follow_redirects=False)
 
 
-def _claim(delivery_id: int, token: str) -> tuple[WebhookDelivery, Event, WebhookEndpoint | None] | None:
-    settings = runtime.settings()
-    now = utcnow()
-    claimed = secrets.token_hex(16)
-    with runtime.engine().begin() as connection:
-        moved = connection.execute(
-            update(WebhookDelivery)
-            .where(
-                col(WebhookDelivery.id) == delivery_id,
-                col(WebhookDelivery.state) == DeliveryState.PENDING,
-                col(WebhookDelivery.lease_token) == token,
-            )
-            .values(lease_token=claimed, lease_until=now + timedelta(seconds=lease_s(settings)))
-        ).rowcount
-    if moved != 1:
-        return None
-    with session_scope(runtime.engine()) as session:
-        delivery = session.get(WebhookDelivery, delivery_id)
-        assert delivery is not None
-        event = session.exec(select(Event).where(col(Event.seq) == delivery.event_seq)).one()
-        endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
-    return delivery, event, endpoint
+def _load(delivery_ids: list[int], token: str) -> list[Leased]:
+    with runtime.engine().connect() as connection:
+        rows = connection.execute(_LOAD, {"ids": delivery_ids, "token": token}).all()
+    return [
+        Leased(
+            delivery_id=int(row.id),
+            endpoint_id=row.endpoint_id,
+            payment_id=row.payment_id,
+            attempts=row.attempts,
+            created_at=row.created_at,
+            event_id=row.event_id,
+            payload=row.payload,
+            url=row.url,
+            secret=row.secret,
+            enabled=bool(row.enabled),
+            failing_since=row.failing_since,
+            has_following=bool(row.has_following),
+        )
+        for row in rows
+    ]
 
 
-def deliver(delivery_id: int, token: str) -> str:
-    """Run one leased delivery; returns what happened (for logs and tests)."""
-    claimed = _claim(delivery_id, token)
-    if claimed is None:
-        return "not-leased"  # a duplicate message, or beat released it again after the lease ran out
-    delivery, event, endpoint = claimed
+def deliver(delivery_ids: list[int], token: str) -> dict[str, int]:
+    """Attempt the leased deliveries in order; stop at the first failure (the target is down: the rest go back
+    to waiting, due, for the next tick) or when half the lease is gone. Returns counts by result."""
     settings = runtime.settings()
+    stop_at = time.monotonic() + settings.webhook_lease_s / 2
+    leased = _load(delivery_ids, token)
+    attempts: list[Attempt] = []
+    for delivery in leased:
+        if time.monotonic() > stop_at or (delivery.endpoint_id != HOOK_TARGET and not delivery.enabled):
+            break
+        attempt = _attempt(settings, delivery)
+        attempts.append(attempt)
+        if not attempt.ok:
+            break
+    untouched = leased[len(attempts) :]
+    return _record(settings, token, attempts, untouched)
+
+
+def _attempt(settings: Settings, delivery: Leased) -> Attempt:
     started = time.monotonic()
     status_code: int | None = None
-    error: str | None = None
     if delivery.endpoint_id == HOOK_TARGET:
-        ok, error = _publish_hook(settings, event)
-    elif endpoint is None or not endpoint.enabled:
-        _drop_lease(delivery)
-        return "endpoint-disabled"
+        ok, error = _publish_hook(settings, delivery.payload)
+    elif delivery.url is None or delivery.secret is None:
+        ok, error = False, "endpoint removed"
     else:
-        body = event.payload.encode()
+        body = delivery.payload.encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            EVENT_ID_HEADER: event.id,
-            SIGNATURE_HEADER: signature_header(endpoint.secret, int(time.time()), body),
+            EVENT_ID_HEADER: delivery.event_id,
+            SIGNATURE_HEADER: signature_header(delivery.secret, int(time.time()), body),
         }
         try:
-            answer = _http().post(endpoint.url, content=body, headers=headers)
+            answer = _http().post(delivery.url, content=body, headers=headers)
             status_code = answer.status_code
             ok = 200 <= status_code < 300
             error = None if ok else f"HTTP {status_code}"
@@ -176,17 +210,16 @@ def deliver(delivery_id: int, token: str) -> str:
             ok, error = False, "timeout"
         except httpx.HTTPError as failure:
             ok, error = False, type(failure).__name__
-    duration_ms = int((time.monotonic() - started) * 1000)
-    return _record(delivery, event, ok, status_code, error, duration_ms)
+    return Attempt(delivery, ok, status_code, error, int((time.monotonic() - started) * 1000))
 
 
-def _publish_hook(settings: Settings, event: Event) -> tuple[bool, str | None]:
+def _publish_hook(settings: Settings, payload: str) -> tuple[bool, str | None]:
     from worker.celery_app import app
 
     try:
         app.send_task(
             settings.stkpush_on_outcome_task,
-            args=[json.loads(event.payload)],
+            args=[json.loads(payload)],
             queue=settings.stkpush_on_outcome_queue,
             retry=False,
         )
@@ -195,92 +228,108 @@ def _publish_hook(settings: Settings, event: Event) -> tuple[bool, str | None]:
     return True, None
 
 
-def _drop_lease(delivery: WebhookDelivery) -> None:
-    with runtime.engine().begin() as connection:
-        connection.execute(
-            update(WebhookDelivery)
-            .where(col(WebhookDelivery.id) == delivery.id)
-            .values(lease_token=None, lease_until=None)
-        )
-
-
 def _record(
-    delivery: WebhookDelivery,
-    event: Event,
-    ok: bool,
-    status_code: int | None,
-    error: str | None,
-    duration_ms: int,
-) -> str:
-    settings = runtime.settings()
+    settings: Settings, token: str, attempts: list[Attempt], untouched: list[Leased]
+) -> dict[str, int]:
     now = utcnow()
-    attempts = delivery.attempts + 1
-    if ok:
-        result, values = "delivered", {"state": DeliveryState.DELIVERED, "delivered_at": now}
-    elif now - delivery.created_at >= timedelta(seconds=settings.webhook_retry_for_s):
-        result, values = "gave-up", {"state": DeliveryState.GAVE_UP}
-    else:
-        wait = timedelta(seconds=retry_delay_s(settings, attempts))
-        result, values = "retry", {"next_attempt_at": now + wait}
-    disabled = False
+    counts: dict[str, int] = {}
+    updates, failures = [], []
+    for attempt in attempts:
+        delivery = attempt.leased
+        tries = delivery.attempts + 1
+        state, next_at, delivered = DeliveryState.PENDING, now, None
+        if attempt.ok:
+            result, state, delivered = "delivered", DeliveryState.DELIVERED, now
+        elif now - delivery.created_at >= timedelta(seconds=settings.webhook_retry_for_s):
+            result, state = "gave-up", DeliveryState.GAVE_UP
+        else:
+            result, next_at = "retry", now + timedelta(seconds=retry_delay_s(settings, tries))
+        counts[result] = counts.get(result, 0) + 1
+        updates.append(
+            {
+                "delivery_id": delivery.delivery_id,
+                "token": token,
+                "attempts": tries,
+                "status_code": attempt.status_code,
+                "error": attempt.error,
+                "new_state": state,
+                "next_at": next_at,
+                "delivered": delivered,
+            }
+        )
+        if not attempt.ok:
+            # Failures go to the attempt log; a success is recorded on the delivery itself (delivered_at,
+            # last_status_code), which spares the common case a row.
+            failures.append(
+                {
+                    "delivery_id": delivery.delivery_id,
+                    "endpoint_id": delivery.endpoint_id,
+                    "attempted_at": now,
+                    "status_code": attempt.status_code,
+                    "error": attempt.error,
+                    "duration_ms": attempt.duration_ms,
+                }
+            )
+    disabled: list[str] = []
+    following: list[int] = []
     with runtime.engine().begin() as connection:
-        connection.execute(
-            update(WebhookDelivery)
-            .where(
-                col(WebhookDelivery.id) == delivery.id,
-                col(WebhookDelivery.lease_token) == delivery.lease_token,
-            )
-            .values(
-                attempts=attempts,
-                last_status_code=status_code,
-                last_error=error,
-                lease_token=None,
-                lease_until=None,
-                **values,
-            )
-        )
-        connection.execute(
-            WebhookAttempt.__table__.insert().values(  # type: ignore[attr-defined]
-                delivery_id=delivery.id,
-                endpoint_id=delivery.endpoint_id,
-                attempted_at=now,
-                status_code=status_code,
-                error=error,
-                duration_ms=duration_ms,
-            )
-        )
-        if delivery.endpoint_id != HOOK_TARGET:
-            disabled = _note_endpoint_health(connection, delivery.endpoint_id, ok, now, settings)
-    metrics.record_webhook_delivery(result)
-    if disabled:
+        if updates:
+            connection.execute(_RECORD, updates)
+        if failures:
+            connection.execute(insert(WebhookAttempt), failures)
+        if untouched:
+            connection.execute(_UNLEASE, [{"delivery_id": d.delivery_id, "token": token} for d in untouched])
+        if attempts and attempts[0].leased.endpoint_id != HOOK_TARGET:
+            if _note_endpoint_health(connection, attempts, now, settings):
+                disabled.append(attempts[0].leased.endpoint_id)
+        for attempt in attempts:
+            delivery = attempt.leased
+            if attempt.ok and delivery.has_following:
+                next_id = connection.execute(
+                    _NEXT_OF_PAYMENT,
+                    {
+                        "endpoint_id": delivery.endpoint_id,
+                        "payment_id": delivery.payment_id,
+                        "delivery_id": delivery.delivery_id,
+                    },
+                ).scalar()
+                if next_id is not None:
+                    following.append(int(next_id))
+    for endpoint_id in disabled:
         metrics.record_webhook_endpoint_disabled()
         log.error(
             "WEBHOOK ENDPOINT DISABLED: %s has failed every delivery for over %ds; its deliveries wait in the "
             "ledger: fix the receiver, then `stkpush webhook enable %s`",
-            delivery.endpoint_id,
+            endpoint_id,
             settings.webhook_disable_after_s,
-            delivery.endpoint_id,
+            endpoint_id,
         )
-    log.info(
-        "webhook delivery %d (event %s to %s): %s%s",
-        delivery.id,
-        event.id,
-        delivery.endpoint_id,
-        result,
-        f" ({error})" if error else "",
-    )
-    if ok and delivery.payment_id is not None:
-        _release_next_of_payment(delivery)
-    return result
+    for attempt in attempts:
+        log.info(
+            "webhook delivery %d (event %s to %s): %s",
+            attempt.leased.delivery_id,
+            attempt.leased.event_id,
+            attempt.leased.endpoint_id,
+            "delivered" if attempt.ok else f"failed ({attempt.error})",
+        )
+    if following:
+        release(following)  # the payments' next events were waiting behind these
+    return counts
 
 
 def _note_endpoint_health(
-    connection: Any, endpoint_id: str, ok: bool, now: datetime, settings: Settings
+    connection: Connection, attempts: list[Attempt], now: datetime, settings: Settings
 ) -> bool:
-    """Track the endpoint's run of failures; True when this attempt disabled it."""
+    """Track the endpoint's run of failures; True when this message's failure disabled it."""
+    endpoint_id = attempts[0].leased.endpoint_id
     endpoint = col(WebhookEndpoint.id) == endpoint_id
-    if ok:
-        connection.execute(update(WebhookEndpoint).where(endpoint).values(failing_since=None))
+    if attempts[-1].ok:
+        if attempts[0].leased.failing_since is not None:
+            connection.execute(update(WebhookEndpoint).where(endpoint).values(failing_since=None))
+        return False
+    if any(attempt.ok for attempt in attempts):
+        # It answered this very message: a fresh run of failures starts now, not at an older failure.
+        connection.execute(update(WebhookEndpoint).where(endpoint).values(failing_since=now))
         return False
     connection.execute(
         update(WebhookEndpoint)
@@ -296,20 +345,3 @@ def _note_endpoint_health(
         )
     ).rowcount
     return bool(moved == 1)
-
-
-def _release_next_of_payment(delivery: WebhookDelivery) -> None:
-    with session_scope(runtime.engine()) as session:
-        following = session.exec(
-            select(WebhookDelivery.id)
-            .where(
-                col(WebhookDelivery.endpoint_id) == delivery.endpoint_id,
-                col(WebhookDelivery.payment_id) == delivery.payment_id,
-                col(WebhookDelivery.state) == DeliveryState.PENDING,
-                col(WebhookDelivery.event_seq) > delivery.event_seq,
-            )
-            .order_by(col(WebhookDelivery.event_seq))
-            .limit(1)
-        ).first()
-    if following is not None:
-        release(following)

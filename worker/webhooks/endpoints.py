@@ -17,7 +17,7 @@ from sqlmodel import col, select
 from worker import runtime
 from worker.events import Event, EventType
 from worker.ledger import session_scope, utcnow
-from worker.webhooks.delivery import release
+from worker.webhooks.release import TICK_LIMIT, release
 from worker.webhooks.store import (
     ALL_EVENTS,
     DeliveryState,
@@ -176,10 +176,18 @@ def delivery_log(endpoint_id: str, limit: int = 50) -> list[dict[str, Any]]:
             if delivery.state == DeliveryState.PENDING
             else None,
             "delivered_at": delivery.delivered_at.isoformat() if delivery.delivered_at else None,
-            "log": by_delivery.get(delivery.id or 0, []),
+            "log": [*by_delivery.get(delivery.id or 0, []), *_success(delivery)],
         }
         for delivery, event in rows
     ]
+
+
+def _success(delivery: WebhookDelivery) -> list[dict[str, Any]]:
+    """The successful attempt, kept on the delivery row rather than in the attempt log."""
+    if delivery.state != DeliveryState.DELIVERED or delivery.delivered_at is None:
+        return []
+    at = delivery.delivered_at.isoformat()
+    return [{"at": at, "status_code": delivery.last_status_code, "error": None, "duration_ms": None}]
 
 
 def replay(event_id: str | None = None, since: datetime | None = None, endpoint_id: str | None = None) -> int:
@@ -219,6 +227,6 @@ def replay(event_id: str | None = None, since: datetime | None = None, endpoint_
                 session.flush()
                 made.append(delivery.id or 0)
         session.commit()
-    for delivery_id in made:
-        release(delivery_id)
+    for start in range(0, len(made), TICK_LIMIT):
+        release(made[start : start + TICK_LIMIT])
     return len(made)

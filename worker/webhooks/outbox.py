@@ -12,7 +12,7 @@ import logging
 
 from worker import runtime
 from worker.events import CommittedEvent, on_committed
-from worker.webhooks.delivery import release
+from worker.webhooks.release import release
 
 log = logging.getLogger("stkpush.webhooks")
 
@@ -22,8 +22,8 @@ def outcome_channel(account: str, key_prefix: str = "") -> str:
 
 
 def _after_commit(event: CommittedEvent) -> None:
-    for delivery_id in event.delivery_ids:
-        release(delivery_id)
+    if event.delivery_ids:
+        release(event.delivery_ids)
     if event.external_reference is None:
         return
     settings = runtime.settings()
