@@ -19,6 +19,7 @@ from worker.web.callbacks import router as callbacks_router
 from worker.web.dashboard import router as dashboard_router
 from worker.web.metrics import router as metrics_router
 from worker.web.payments_api import router as payments_router
+from worker.web.webhooks_api import router as webhooks_router
 from worker.webhooks import outbox
 
 log = logging.getLogger("stkpush.web")
@@ -69,4 +70,5 @@ def create_app() -> FastAPI:
 
     app.include_router(callbacks_router)
     app.include_router(payments_router)
+    app.include_router(webhooks_router)
     return app
