@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 import redis
 from sqlmodel import col, select
@@ -273,3 +274,27 @@ def test_the_python_hook_is_sent_each_event_with_public_fields_only(stack: Stack
     (event,) = [e for e in hook_events() if e["id"] == event_id]
     assert event["type"] == "payment.succeeded"
     assert "Wanjiru" not in json.dumps(event) and "****" in event["data"]["payment"]["phone"]  # type: ignore[index]
+
+
+def test_the_webhooks_api_adds_lists_and_refuses_bad_input(stack: Stack, receiver: Receiver) -> None:
+    key = {"X-API-Key": stack.env["API_KEYS"]}
+    refused = httpx.post(f"{stack.web_url}/webhooks", json={"url": "ftp://nope"}, headers=key)
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "url"
+    typo = httpx.post(f"{stack.web_url}/webhooks", json={"url": receiver.url, "evnts": []}, headers=key)
+    assert typo.status_code == 422 and typo.json()["errors"][0]["field"] == "evnts"
+    assert httpx.post(f"{stack.web_url}/webhooks", json={"url": receiver.url}).status_code == 401
+    created = httpx.post(
+        f"{stack.web_url}/webhooks",
+        json={"url": receiver.url + "/hooks/api", "events": ["payment.succeeded"]},
+        headers=key,
+    )
+    assert created.status_code == 201, created.text
+    endpoint = created.json()
+    assert endpoint["secret"].startswith("whsec_") and endpoint["events"] == ["payment.succeeded"]
+    listed = httpx.get(f"{stack.web_url}/webhooks", headers=key)
+    assert endpoint["id"] in listed.text and endpoint["secret"] not in listed.text
+    log = httpx.get(f"{stack.web_url}/webhooks/{endpoint['id']}/deliveries", headers=key)
+    assert log.status_code == 200 and isinstance(log.json(), list)
+    disabled = httpx.post(f"{stack.web_url}/webhooks/{endpoint['id']}/disable", headers=key)
+    assert disabled.status_code == 200 and disabled.json()["enabled"] is False
+    assert httpx.post(f"{stack.web_url}/webhooks/we_missing/enable", headers=key).status_code == 404
