@@ -13,12 +13,10 @@ stays INGESTING: upload the same file again, which records nothing twice.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
 import tempfile
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +42,7 @@ from producers.validation import PaymentValidationError, validate_payment
 from worker import runtime
 from worker.ledger import TERMINAL_STATES, Payment, find_by_reference, get_payment
 from worker.web.access import payment_view, require_api_key
-from worker.web.waiting import waiters
+from worker.web.waiting import wait_for_outcome
 
 log = logging.getLogger("stkpush.api")
 
@@ -370,31 +368,5 @@ async def payment_status(
     if payment is None:
         return JSONResponse({"detail": "no payment with that external_reference"}, status_code=404)
     if wait_s and payment.state not in TERMINAL_STATES:
-        payment = await _wait_for_outcome(external_reference, wait_s, read) or payment
+        payment = await wait_for_outcome(external_reference, wait_s, read) or payment
     return JSONResponse(payment_view(payment))
-
-
-async def _wait_for_outcome(
-    reference: str, wait_s: int, read: Callable[[], Payment | None]
-) -> Payment | None:
-    """Sleep until a note for `reference` arrives or the wait ends; read the ledger on each wake and at the end."""
-    deadline = asyncio.get_running_loop().time() + wait_s
-    await run_in_threadpool(waiters.ensure_listening)  # the first wait of a process starts the subscriber
-    entry = waiters.register(reference)
-    _, woken = entry
-    try:
-        # Registered first, then read: a settlement between the first read and the registration is not missed.
-        payment = await run_in_threadpool(read)
-        while payment is not None and payment.state not in TERMINAL_STATES:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(woken.wait(), timeout=remaining)
-            except TimeoutError:
-                pass
-            woken.clear()
-            payment = await run_in_threadpool(read)
-        return payment
-    finally:
-        waiters.unregister(reference, entry)

@@ -14,10 +14,13 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import redis
+from fastapi.concurrency import run_in_threadpool
 
 from worker import runtime
+from worker.ledger import TERMINAL_STATES, Payment
 from worker.webhooks.outbox import outcome_channel
 
 log = logging.getLogger("stkpush.web")
@@ -104,3 +107,27 @@ class OutcomeWaiters:
 
 
 waiters = OutcomeWaiters()
+
+
+async def wait_for_outcome(reference: str, wait_s: int, read: Callable[[], Payment | None]) -> Payment | None:
+    """Sleep until a note for `reference` arrives or the wait ends; read the ledger on each wake and at the end."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    await run_in_threadpool(waiters.ensure_listening)  # the first wait of a process starts the subscriber
+    entry = waiters.register(reference)
+    _, woken = entry
+    try:
+        # Registered first, then read: a settlement between the first read and the registration is not missed.
+        payment = await run_in_threadpool(read)
+        while payment is not None and payment.state not in TERMINAL_STATES:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(woken.wait(), timeout=remaining)
+            except TimeoutError:
+                pass
+            woken.clear()
+            payment = await run_in_threadpool(read)
+        return payment
+    finally:
+        waiters.unregister(reference, entry)
