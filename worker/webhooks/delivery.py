@@ -33,6 +33,9 @@ from worker.webhooks.store import HOOK_TARGET, DeliveryState, WebhookAttempt, We
 log = logging.getLogger("stkpush.webhooks")
 
 USER_AGENT = "stkpush-webhooks/1"
+# A message starts no new POST after this long: well inside Celery's soft time limit (120 s, worker.celery_app),
+# so a message to a slow receiver ends by itself instead of being killed with nothing recorded.
+MESSAGE_BUDGET_S = 60.0
 
 _D = WebhookDelivery.__table__.c  # type: ignore[attr-defined]
 _E = Event.__table__.c  # type: ignore[attr-defined]
@@ -170,9 +173,10 @@ def _load(delivery_ids: list[int], token: str) -> list[Leased]:
 
 def deliver(delivery_ids: list[int], token: str) -> dict[str, int]:
     """Attempt the leased deliveries in order; stop at the first failure (the target is down: the rest go back
-    to waiting, due, for the next tick) or when half the lease is gone. Returns counts by result."""
+    to waiting, due, for the next tick) or when half the lease (at most MESSAGE_BUDGET_S) is gone. Returns counts
+    by result."""
     settings = runtime.settings()
-    stop_at = time.monotonic() + settings.webhook_lease_s / 2
+    stop_at = time.monotonic() + min(settings.webhook_lease_s / 2, MESSAGE_BUDGET_S)
     leased = _load(delivery_ids, token)
     attempts: list[Attempt] = []
     for delivery in leased:
