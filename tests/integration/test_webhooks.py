@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -298,3 +300,40 @@ def test_the_webhooks_api_adds_lists_and_refuses_bad_input(stack: Stack, receive
     disabled = httpx.post(f"{stack.web_url}/webhooks/{endpoint['id']}/disable", headers=key)
     assert disabled.status_code == 200 and disabled.json()["enabled"] is False
     assert httpx.post(f"{stack.web_url}/webhooks/we_missing/enable", headers=key).status_code == 404
+
+
+def test_the_cli_adds_lists_shows_the_log_and_replays(
+    stack: Stack, receiver: Receiver, request: pytest.FixtureRequest
+) -> None:
+    def stkpush(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "worker.cli", "webhook", *args],
+            env=stack.child_env(),
+            cwd=stack.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    path = f"/hooks/{request.node.name}"
+    refused = stkpush("add", "ftp://nope")
+    assert refused.returncode != 0 and "url:" in refused.stderr
+    added = stkpush("add", receiver.url + path, "--events", "payment.succeeded")
+    assert added.returncode == 0, added.stderr
+    endpoint = json.loads(added.stdout)
+    try:
+        assert endpoint["secret"] not in stkpush("list").stdout
+        handle = enqueue_payment(
+            amount=16, phone_number=success_phone(), external_reference=new_reference("WH")
+        )
+        event_id = events_of(wait_for_state(handle.id, timeout_s=40).id)[0].id
+        wait_until(lambda: event_id in delivered_ids(receiver, path), 30, "the delivery")
+        log = [json.loads(line) for line in stkpush("deliveries", endpoint["id"]).stdout.splitlines()]
+        assert [(row["event_id"], row["state"]) for row in log] == [(event_id, "DELIVERED")]
+        replayed = stkpush("replay", event_id, "--endpoint", endpoint["id"])
+        assert json.loads(replayed.stdout) == {"deliveries": 1}, replayed.stderr
+        wait_until(lambda: len(receiver.answered_ok(path)) == 2, 30, "the replay")
+        bad_time = stkpush("replay", "--since", "yesterday")
+        assert bad_time.returncode != 0 and "--since" in bad_time.stderr
+    finally:
+        assert stkpush("disable", endpoint["id"]).returncode == 0
