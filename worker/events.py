@@ -38,6 +38,8 @@ class EventType(StrEnum):
     )
     # A success that arrived after we had assumed a failure: the earlier payment.expired was wrong.
     PAYMENT_SUCCEEDED_AFTER_FAILURE = "payment.succeeded_after_failure"
+    # Every payment of an ingested batch has ended (worker.batch_events, on beat's tick).
+    BATCH_FINISHED = "batch.finished"
 
 
 # M-Pesa result codes meaning the prompt went unanswered or ran out (upesipay-api.md).
@@ -62,6 +64,8 @@ class Event(SQLModel, table=True):
     payment_id: str | None = Field(default=None, max_length=32, index=True)
     batch_id: str | None = Field(default=None, max_length=32)
     payload: str = Field(sa_column=Column(Text, nullable=False))  # the exact JSON body a webhook receives
+    # For events that must happen once per subject (batch.finished:<batch id>): a second insert fails.
+    dedup_key: str | None = Field(default=None, max_length=80, unique=True)
     created_at: datetime = Field(index=True)
 
 
@@ -131,7 +135,7 @@ def payment_fields(row: Any) -> dict[str, Any]:
     }
 
 
-def _hook_task() -> str:
+def hook_task() -> str:
     try:
         return get_settings().stkpush_on_outcome_task
     except SettingsError:  # a bare ledger (unit tests, a one-off script) has no settings: no hook to feed
@@ -170,7 +174,7 @@ def record_for_transition(
     assert key is not None
     seq = key[0]
     deliveries = fan_out(
-        connection, int(seq), payment_row.account, event_type.value, payment_row.id, now, _hook_task()
+        connection, int(seq), payment_row.account, event_type.value, payment_row.id, now, hook_task()
     )
     return CommittedEvent(
         seq=int(seq),

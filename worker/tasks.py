@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker import dispatch, settlement
+from worker import batch_events, dispatch, settlement
 from worker.sending import send_payment
 from worker.webhooks import delivery, outbox, release
 
@@ -39,6 +39,7 @@ def settle() -> int:
 
 @shared_task(name="stkpush.dispatch.release_webhooks", ignore_result=True)
 def release_webhooks() -> int:
+    batch_events.emit_finished_batches()
     return release.release()
 
 

@@ -33,9 +33,11 @@ def upgrade() -> None:
         sa.Column("payment_id", AutoString(length=32), nullable=True),
         sa.Column("batch_id", AutoString(length=32), nullable=True),
         sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("dedup_key", AutoString(length=80), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("seq"),
         sa.UniqueConstraint("id"),
+        sa.UniqueConstraint("dedup_key"),
     )
     for column in ("account", "payment_id", "created_at"):
         op.create_index(f"ix_event_{column}", "event", [column])

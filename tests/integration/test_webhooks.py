@@ -337,3 +337,38 @@ def test_the_cli_adds_lists_shows_the_log_and_replays(
         assert bad_time.returncode != 0 and "--since" in bad_time.stderr
     finally:
         assert stkpush("disable", endpoint["id"]).returncode == 0
+
+
+def test_a_finished_batch_is_announced_once_with_its_totals(
+    stack: Stack, receiver: Receiver, endpoint: tuple[str, str, str]
+) -> None:
+    _, path, secret = endpoint
+    rows = [f"{new_reference('WB')},{success_phone()},{amount}" for amount in (31, 32, 33)]
+    csv = "external_reference,phone_number,amount\n" + "\n".join(rows) + "\n"
+    accepted = httpx.post(
+        f"{stack.web_url}/batches",
+        params={"name": "march.csv"},
+        content=csv.encode(),
+        headers={"X-API-Key": stack.env["API_KEYS"], "Content-Type": "text/csv"},
+    )
+    assert accepted.status_code == 202, accepted.text
+    batch_id = accepted.json()["batch_id"]
+
+    def finished() -> list[dict[str, object]]:
+        bodies = [json.loads(d.body) for d in receiver.answered_ok(path)]
+        return [b for b in bodies if b["type"] == "batch.finished" and b["data"]["batch"]["id"] == batch_id]  # type: ignore[index]
+
+    wait_until(lambda: len(finished()) == 1, 60, "batch.finished")
+    (event,) = finished()
+    batch = event["data"]["batch"]  # type: ignore[index]
+    assert batch["payments_by_state"] == {"SUCCEEDED": 3} and batch["amount_collected"] == 96
+    payment_events = [
+        b
+        for b in (json.loads(d.body) for d in receiver.answered_ok(path))
+        if b["type"] == "payment.succeeded"
+    ]
+    assert len(payment_events) == 3  # each payment's own event too
+    time.sleep(2)  # a few more beat ticks: still one batch.finished
+    assert len(finished()) == 1
+    for delivery in receiver.answered_ok(path):
+        verify(delivery, secret)

@@ -52,6 +52,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.settlement",
             "worker.metrics",
             "worker.webhooks",
+            "worker.batch_events",
         ),
     ),
     ("producers", ("producers",)),

@@ -299,3 +299,28 @@ def test_an_endpoints_view_never_shows_its_secret() -> None:
     created = add_endpoint("https://shop.example/hook")
     assert created.secret.startswith("whsec_")
     assert created.secret not in json.dumps(endpoint_view(created.endpoint))
+
+
+def test_a_batch_whose_payments_all_ended_gets_one_finished_event() -> None:
+    from worker.batch_events import emit_finished_batches
+    from worker.ledger import Batch, BatchState
+
+    endpoint = add_endpoint("https://shop.example/hook", "batch.finished").endpoint
+    batch = Batch(account="acct-unit", source_name="march.csv", state=BatchState.INGESTED, rows_recorded=2)
+    with session_scope(runtime.engine()) as session:
+        session.add(batch)
+        session.commit()
+    paid, declined = add_payment("INV-B1"), add_payment("INV-B2")
+    with runtime.engine().begin() as connection:
+        connection.execute(update(Payment).values(batch_id=batch.id))
+    engine = runtime.engine()
+    transition(engine, paid.id, SETTLEABLE, PaymentState.SUCCEEDED)
+    assert emit_finished_batches() == 0  # one payment still in flight
+    transition(engine, declined.id, SETTLEABLE, PaymentState.CANCELLED, result_code=1032)
+    assert emit_finished_batches() == 1
+    assert emit_finished_batches() == 0  # once only
+    (finished,) = [e for e in all_events() if e.type == "batch.finished"]
+    body = json.loads(finished.payload)["data"]["batch"]
+    assert body["payments_by_state"] == {"CANCELLED": 1, "SUCCEEDED": 1}
+    assert body["amount_collected"] == 100 and body["source_name"] == "march.csv"
+    assert [d.endpoint_id for d in deliveries()] == [endpoint.id]
