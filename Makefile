@@ -30,6 +30,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/guard.py
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/webhooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -27,6 +27,8 @@ from worker.ledger import (
     Payment,
     PaymentState,
     SendAttempt,
+    announce_event,
+    record_event,
     session_scope,
     utcnow,
 )
@@ -143,9 +145,11 @@ def end_attempt(
                 # poll saying "not found" while the 201 is being recorded, say): both or neither.
                 transaction.rollback()
                 return AttemptEnd(False, False)
+        committed = record_event(connection, payment_id, payment_to, allowed) if moved == 1 and payment_to else None
         transaction.commit()
     if moved == 1 and payment_to is not None:
         log_state_change(payment_id, payment_to.value, payment_fields.get("reason"))
+    announce_event(committed)
     return AttemptEnd(True, moved == 1)
 
 
@@ -212,8 +216,12 @@ def revert_attempt(engine: Engine, attempt_id: str, **payment_fields: Any) -> bo
         if reverted != 1 or moved != 1:
             transaction.rollback()
             return False
+        committed = record_event(
+            connection, payment_id_of(attempt_id), PaymentState.SUCCEEDED, [PaymentState.FAILED.value]
+        )
         transaction.commit()
     log_state_change(payment_id_of(attempt_id), PaymentState.SUCCEEDED.value, None)
+    announce_event(committed)
     return True
 
 

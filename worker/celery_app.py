@@ -12,6 +12,8 @@ from worker.settings import Settings, SettingsError, get_settings
 SINGLE_QUEUE = "single"  # payments from web apps: dispatched ahead of bulk batches
 BULK_QUEUE = "bulk"
 MAINTENANCE_QUEUE = "maintenance"  # beat's dispatcher and settlement: never stuck behind a payment backlog
+# Webhook deliveries: listed last by workers, so with the priority order a delivery never delays a push.
+WEBHOOKS_QUEUE = "webhooks"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -41,9 +43,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(SINGLE_QUEUE), Queue(BULK_QUEUE), Queue(MAINTENANCE_QUEUE)],
+        "task_queues": [
+            Queue(SINGLE_QUEUE),
+            Queue(BULK_QUEUE),
+            Queue(MAINTENANCE_QUEUE),
+            Queue(WEBHOOKS_QUEUE),
+        ],
         "task_default_queue": SINGLE_QUEUE,
-        "task_routes": {"stkpush.dispatch.*": {"queue": MAINTENANCE_QUEUE}},
+        "task_routes": {
+            "stkpush.dispatch.*": {"queue": MAINTENANCE_QUEUE},
+            "stkpush.webhooks.*": {"queue": WEBHOOKS_QUEUE},
+        },
         "task_soft_time_limit": 120,
         "task_time_limit": 150,
         "worker_hijack_root_logger": False,

@@ -15,10 +15,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, Index, UniqueConstraint, event, update
+from sqlalchemy import Connection, Engine, Index, UniqueConstraint, event, update
+from sqlalchemy import select as table_select
 from sqlalchemy.engine import make_url
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
+from worker import events
 from worker.logs import log_state_change
 
 
@@ -273,11 +275,34 @@ def transition(
     if attempt_id is not None:
         statement = statement.where(col(Payment.guard_token) == attempt_id)
     statement = statement.values(**values)
+    committed = None
     with engine.begin() as connection:
         moved = bool(connection.execute(statement).rowcount == 1)
+        if moved:
+            committed = record_event(connection, payment_id, to_state, allowed)
     if moved:
         log_state_change(payment_id, to_state.value, fields.get("reason"))
+    announce_event(committed)
     return moved
+
+
+def record_event(
+    connection: Connection, payment_id: str, to_state: PaymentState, from_states: Iterable[str]
+) -> events.CommittedEvent | None:
+    """The outbox, inside the transaction of a change that just moved the payment to `to_state`: the merchant's
+    event commits with the change or not at all. Every writer of a terminal state calls it (transition, the
+    attempt endings in worker/attempts.py)."""
+    if to_state not in TERMINAL_STATES:
+        return None
+    table = Payment.__table__  # type: ignore[attr-defined]
+    row = connection.execute(table_select(table).where(col(Payment.id) == payment_id)).one()
+    return events.record_for_transition(connection, row, frozenset(from_states))
+
+
+def announce_event(committed: events.CommittedEvent | None) -> None:
+    """After the commit: wake what listens (webhook release, `?wait=`); a missed wake-up is caught by beat."""
+    if committed is not None:
+        events.announce([committed])
 
 
 def mark(engine: Engine, payment_id: str, **fields: Any) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "record_guard_decision",
     "record_push",
     "record_settlement",
+    "record_webhook_endpoint_disabled",
 ]
 
 log = logging.getLogger("stkpush.metrics")
@@ -67,7 +68,19 @@ CALLBACKS = CounterSpec(
 SETTLEMENTS = CounterSpec(
     "stkpush_settlements", "Payments settled by asking UpesiPay (transaction-status), by result.", ("result",)
 )
-COUNTERS = (PUSHES, GUARD_DECISIONS, GUARD_REFUSALS, CALLBACKS, SETTLEMENTS)
+WEBHOOK_ENDPOINTS_DISABLED = CounterSpec(
+    "stkpush_webhook_endpoint_disablings",
+    "Times a webhook endpoint was disabled automatically after failing for WEBHOOK_DISABLE_AFTER_S.",
+    ("reason",),
+)
+COUNTERS = (
+    PUSHES,
+    GUARD_DECISIONS,
+    GUARD_REFUSALS,
+    CALLBACKS,
+    SETTLEMENTS,
+    WEBHOOK_ENDPOINTS_DISABLED,
+)
 LATENCY_NAME = "stkpush_provider_latency_seconds"
 LATENCY_DOC = "Time UpesiPay took to answer a push request (connection failures excluded)."
 
@@ -164,6 +177,10 @@ def record_callback(result_code: int, applied: bool) -> None:
 
 def record_settlement(result: str) -> None:
     _safely(lambda: shared().inc(SETTLEMENTS, result))
+
+
+def record_webhook_endpoint_disabled() -> None:
+    _safely(lambda: shared().inc(WEBHOOK_ENDPOINTS_DISABLED, "failing"))
 
 
 def _safely(increment: Callable[[], None]) -> None:

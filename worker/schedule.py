@@ -26,6 +26,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": every * 10,
             "options": {"expires": every * 10},
         },
+        "release-webhooks": {
+            "task": "stkpush.dispatch.release_webhooks",
+            "schedule": every,
+            "options": {"expires": every},
+        },
         "settle": {
             "task": "stkpush.dispatch.settle",
             "schedule": every * 2,

@@ -120,6 +120,29 @@ class Settings(BaseSettings):
     # empty: <system temp>/stkpush-batches.
     batch_dir: str = ""
 
+    # Webhooks (docs/webhooks.md). A receiver slower than this is counted as a failed attempt and retried.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    # Retries wait base * 2^(attempt-1), capped, with jitter (half fixed, half random), for up to retry_for.
+    webhook_retry_base_s: float = Field(default=30.0, gt=0)
+    webhook_retry_cap_s: float = Field(default=6 * 3600.0, gt=0)
+    webhook_retry_for_s: int = Field(default=3 * 24 * 3600, ge=1)
+    # An endpoint failing without a single success for this long is disabled (loud log, metric); its waiting
+    # deliveries stay in the ledger for `stkpush webhook enable`.
+    webhook_disable_after_s: int = Field(default=3 * 24 * 3600, ge=1)
+    # How long a released delivery is reserved for the worker holding its message; a worker that dies mid-delivery
+    # is noticed after this (then beat releases it again). Longer than the timeout; shorter only risks duplicates.
+    webhook_lease_s: float = Field(default=120.0, gt=0)
+    # The Python hook: a Celery task of the merchant's app (same broker) sent every event, e.g.
+    # myshop.tasks.payment_settled, on the merchant's own queue (Celery's default queue is named "celery").
+    stkpush_on_outcome_task: str = Field(
+        default="", max_length=200, pattern=r"^([A-Za-z_][\w]*)(\.[A-Za-z_][\w]*)*$|^$"
+    )
+    stkpush_on_outcome_queue: str = Field(
+        default="celery", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$"
+    )
+    # The longest `GET /payments/{ref}?wait=` a request may ask for: each waiter holds a connection.
+    payment_wait_max_s: int = Field(default=60, ge=1, le=300)
+
     # HTTP producer API keys (comma separated); empty disables the producer endpoints.
     api_keys: SecretStr = SecretStr("")
 
@@ -183,6 +206,8 @@ class Settings(BaseSettings):
             raise ValueError("AMOUNT_MIN must not exceed AMOUNT_MAX")
         if self.interactive_reserve >= self.account_failure_limit:
             raise ValueError("INTERACTIVE_RESERVE must be below ACCOUNT_FAILURE_LIMIT")
+        if self.webhook_lease_s <= self.webhook_timeout_s:
+            raise ValueError("WEBHOOK_LEASE_S must be longer than WEBHOOK_TIMEOUT_S")
         if self.send_backoff_cap_s * 2 > self.visibility_timeout_s:
             raise ValueError("SEND_BACKOFF_CAP_S must be at most half of VISIBILITY_TIMEOUT_S")
         return self

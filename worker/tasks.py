@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker import dispatch, other_channels, reconcile, settlement
+from worker import batch_events, dispatch, other_channels, reconcile, settlement
 from worker.sending import send_payment
+from worker.webhooks import delivery, outbox, release
+
+# Workers release a new event's deliveries and wake `?wait=` requests right after their own transitions commit.
+outbox.install()
 
 
 @shared_task(name="stkpush.stk_push", acks_late=True, ignore_result=True)
@@ -43,3 +47,14 @@ def count_other_channels() -> int:
 @shared_task(name="stkpush.dispatch.verify_guard", ignore_result=True)
 def verify_guard() -> int:
     return reconcile.verify_guard(repair=True).count
+
+
+@shared_task(name="stkpush.dispatch.release_webhooks", ignore_result=True)
+def release_webhooks() -> int:
+    batch_events.emit_finished_batches()
+    return release.release()
+
+
+@shared_task(name="stkpush.webhooks.deliver", acks_late=True, ignore_result=True)
+def deliver_webhooks(delivery_ids: list[int], lease_token: str) -> dict[str, int]:
+    return delivery.deliver(delivery_ids, lease_token)

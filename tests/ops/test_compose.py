@@ -32,7 +32,7 @@ SECRET_NAMES = (
     "POSTGRES_PASSWORD",
     "FLOWER_BASIC_AUTH",
 )
-QUEUES = "maintenance,single,bulk"
+QUEUES = "maintenance,single,bulk,webhooks"
 
 
 def command_text(service: str) -> str:

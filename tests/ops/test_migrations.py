@@ -26,7 +26,17 @@ from worker.migrations import (
     upgrade,
 )
 
-LEDGER_TABLES = {"payment", "batch", "send_attempt", "guard_block", "external_failure"}
+LEDGER_TABLES = {
+    "payment",
+    "batch",
+    "send_attempt",
+    "guard_block",
+    "external_failure",
+    "event",
+    "webhook_endpoint",
+    "webhook_delivery",
+    "webhook_attempt",
+}
 
 
 @pytest.fixture
@@ -51,6 +61,7 @@ def postgres_engine(postgres_url: str) -> Iterator[Engine]:
             "attemptoutcome",
             "guardblockkind",
             "webhookdeliverystate",
+            "deliverystate",
         ):
             connection.execute(text(f'DROP TYPE IF EXISTS "{enum}"'))
     yield engine

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.signing",
             "worker.pause",
             "worker.faults",
+            "worker.webhooks.signature",
         ),
     ),
     (
@@ -34,6 +35,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "worker.ledger",
             "worker.attempts",
+            "worker.events",
+            "worker.webhooks.store",
             "worker.migrations",
             "worker.guard",
             "worker.guard_ledger",
@@ -56,6 +59,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.provider_callback",
             "worker.reconcile",
             "worker.metrics",
+            "worker.webhooks",
+            "worker.batch_events",
         ),
     ),
     ("producers", ("producers",)),

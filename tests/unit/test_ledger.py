@@ -33,9 +33,8 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     yield engine
     if request.param == "postgres":
         with engine.begin() as connection:
-            connection.exec_driver_sql("DELETE FROM send_attempt")
-            connection.exec_driver_sql("DELETE FROM guard_block")
-            connection.exec_driver_sql("DELETE FROM payment")
+            for table in ("webhook_delivery", "event", "send_attempt", "guard_block", "payment"):
+                connection.exec_driver_sql(f"DELETE FROM {table}")  # noqa: S608  (fixed names)
     engine.dispose()
 
 

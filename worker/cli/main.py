@@ -309,3 +309,12 @@ def _register_batch() -> None:
 
 
 _register_batch()
+
+
+def _register_webhook() -> None:
+    from worker.cli.webhook import webhook_command
+
+    main.add_command(webhook_command, name="webhook")
+
+
+_register_webhook()

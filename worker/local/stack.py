@@ -233,7 +233,7 @@ class Stack:
                 "worker",
                 "worker",
                 "-Q",
-                "maintenance,single,bulk",
+                "maintenance,single,bulk,webhooks",
                 "-c",
                 str(concurrency),
                 "-n",

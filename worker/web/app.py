@@ -20,6 +20,8 @@ from worker.web.callbacks import router as callbacks_router
 from worker.web.dashboard import router as dashboard_router
 from worker.web.metrics import router as metrics_router
 from worker.web.payments_api import router as payments_router
+from worker.web.webhooks_api import router as webhooks_router
+from worker.webhooks import outbox
 
 log = logging.getLogger("stkpush.web")
 
@@ -37,6 +39,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     setup_logging(runtime.settings())
+    outbox.install()
     app = FastAPI(
         title="stkpush",
         description="M-Pesa STK push payments through UpesiPay: callbacks, payments API, health.",
@@ -81,4 +84,5 @@ def create_app() -> FastAPI:
 
     app.include_router(callbacks_router)
     app.include_router(payments_router)
+    app.include_router(webhooks_router)
     return app

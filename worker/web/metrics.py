@@ -11,13 +11,15 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func
+from sqlalchemy import Engine, func
 from sqlmodel import col, select
 
 from worker import other_channels, reconcile, runtime
+from worker.events import Event
 from worker.guard import recovery
 from worker.ledger import Payment, PaymentState, count_by_state, session_scope, utcnow
 from worker.metrics import shared
+from worker.webhooks.store import DeliveryState, WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger("stkpush.metrics")
 
@@ -89,6 +91,8 @@ class StkpushCollector(Collector):
             overdue,
         )
 
+        yield from _webhooks(engine, account)
+
     def _guard(self) -> Iterator[Metric]:
         guard = runtime.guard()
         snapshot = guard.account_snapshot()
@@ -156,6 +160,35 @@ class StkpushCollector(Collector):
 
     def _counters(self) -> Iterator[Metric]:
         return shared().collect()
+
+
+def _webhooks(engine: Engine, account: str) -> Iterator[Metric]:
+    """Delivery backlog and disabled endpoints, read from the ledger: no counter to keep per delivery."""
+    with session_scope(engine) as session:
+        by_state = dict(
+            session.exec(
+                select(WebhookDelivery.state, func.count())
+                .join(Event, col(Event.seq) == col(WebhookDelivery.event_seq))
+                .where(Event.account == account)
+                .group_by(WebhookDelivery.state)
+            ).all()
+        )
+        disabled = session.exec(
+            select(func.count()).where(
+                WebhookEndpoint.account == account, col(WebhookEndpoint.enabled).is_(False)
+            )
+        ).one()
+    deliveries = GaugeMetricFamily(
+        "stkpush_webhook_deliveries", "Webhook and hook deliveries in the ledger, by state.", labels=["state"]
+    )
+    for state in DeliveryState:
+        deliveries.add_metric([state.value], by_state.get(state, 0))
+    yield deliveries
+    yield _gauge(
+        "stkpush_webhook_endpoints_disabled",
+        "Webhook endpoints disabled (automatically after failing for days, or by an operator).",
+        disabled,
+    )
 
 
 REGISTRY = CollectorRegistry()

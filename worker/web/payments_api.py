@@ -40,8 +40,9 @@ from producers.batch import (
 from producers.enqueue import PaymentConflictError, enqueue_payment
 from producers.validation import PaymentValidationError, expires_in_error, validate_payment
 from worker import batch_brake, runtime
-from worker.ledger import find_by_reference, get_payment
+from worker.ledger import TERMINAL_STATES, Payment, find_by_reference, get_payment
 from worker.web.access import history_view, payment_view, require_api_key
+from worker.web.waiting import wait_for_outcome
 
 log = logging.getLogger("stkpush.api")
 
@@ -371,11 +372,35 @@ def get_batch_rejects(batch_id: str) -> FileResponse:
 
 @router.get(
     "/payments/{external_reference}",
-    summary="One payment by its external_reference (phone masked)",
-    responses={404: {"description": "no such payment"}},
+    summary="One payment by its external_reference (phone masked); ?wait=N holds until it settles",
+    responses={
+        404: {"description": "no such payment"},
+        422: {"model": ValidationProblem, "description": "wait out of range"},
+    },
 )
-def payment_status(external_reference: str) -> dict[str, Any]:
-    payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
+async def payment_status(
+    external_reference: str,
+    wait: Annotated[
+        str | None,
+        Query(
+            description="Seconds to hold the request while the payment is in flight (0..PAYMENT_WAIT_MAX_S)"
+        ),
+    ] = None,
+) -> JSONResponse:
+    settings = runtime.settings()
+    wait_s = 0
+    if wait is not None:
+        rule = f"must be a whole number of seconds from 0 to {settings.payment_wait_max_s}"
+        if not wait.isdigit() or int(wait) > settings.payment_wait_max_s:
+            return problem(422, "invalid wait", [{"field": "wait", "rule": rule}])
+        wait_s = int(wait)
+
+    def read() -> Payment | None:
+        return find_by_reference(runtime.engine(), settings.upesipay_account, external_reference)
+
+    payment = await run_in_threadpool(read)
     if payment is None:
-        raise HTTPException(404, detail="no payment with that external_reference")
-    return history_view(payment)
+        return JSONResponse({"detail": "no payment with that external_reference"}, status_code=404)
+    if wait_s and payment.state not in TERMINAL_STATES:
+        payment = await wait_for_outcome(external_reference, wait_s, read) or payment
+    return JSONResponse(history_view(payment))
