@@ -145,7 +145,9 @@ def end_attempt(
                 # poll saying "not found" while the 201 is being recorded, say): both or neither.
                 transaction.rollback()
                 return AttemptEnd(False, False)
-        committed = record_event(connection, payment_id, payment_to, allowed) if moved == 1 and payment_to else None
+        committed = (
+            record_event(connection, payment_id, payment_to, allowed) if moved == 1 and payment_to else None
+        )
         transaction.commit()
     if moved == 1 and payment_to is not None:
         log_state_change(payment_id, payment_to.value, payment_fields.get("reason"))
