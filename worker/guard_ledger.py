@@ -29,6 +29,7 @@ from worker.ledger import (
     GuardBlock,
     GuardBlockKind,
     Payment,
+    PhoneRelease,
     SendAttempt,
     session_scope,
 )
@@ -112,6 +113,11 @@ def implied_image(engine: Engine, account: str, limits: GuardLimits, now_ms: int
         blocks = session.exec(
             select(GuardBlock).where(col(GuardBlock.account) == account, col(GuardBlock.until) > now)
         ).all()
+        releases = session.exec(
+            select(PhoneRelease.id, PhoneRelease.released_at, PhoneRelease.phone).where(
+                col(PhoneRelease.account) == account, col(PhoneRelease.released_at) > lookback
+            )
+        ).all()
         external = session.exec(
             select(ExternalFailure.provider_reference, ExternalFailure.failed_at).where(
                 col(ExternalFailure.account) == account, col(ExternalFailure.failed_at) > lookback
@@ -133,6 +139,9 @@ def implied_image(engine: Engine, account: str, limits: GuardLimits, now_ms: int
         if outcome is not None and outcome_at is not None:
             finished.setdefault(attempt_id, (AttemptOutcome(outcome), ms_of(outcome_at), False))
 
+    # An operator's release starts the number's streak afresh, as a success does (worker/reconcile.py).
+    for release_id, released_at, phone in releases:
+        outcomes.append((f"release:{release_id}", AttemptOutcome.SUCCESS, released_at, True, phone))
     # Replay every outcome in time order: the sequence numbers then follow the order the guard saw them in.
     outcomes.sort(key=lambda row: (ms_of(row[2]), row[0]))
     state: dict[str, list[int]] = {}  # phone -> [streak, last failure ms, run_seq]

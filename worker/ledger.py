@@ -198,6 +198,19 @@ class Batch(SQLModel, table=True):
     resumed_at: datetime | None = None
 
 
+class PhoneRelease(SQLModel, table=True):
+    """An operator freed a number held at its streak limit (`stkpush guard release`): its streak starts afresh
+    from then. Kept so that a guard rebuilt from the ledger keeps the release (worker/guard_ledger.py)."""
+
+    __tablename__ = "phone_release"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account: str = Field(max_length=64, index=True)
+    phone: str = Field(max_length=12)  # canonical; personal data: never logged unmasked
+    released_at: datetime = Field(default_factory=utcnow)
+    released_by: str = Field(max_length=64)
+
+
 class ExternalFailure(SQLModel, table=True):
     """A failed push the account made without stkpush (payment buttons, the dashboard), read from UpesiPay's
     transactions list. It fills the provider's failure window, so the guard counts it (worker/other_channels.py);

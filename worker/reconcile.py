@@ -19,6 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from sqlalchemy import update
 from sqlmodel import col, select
 
 from worker import runtime
@@ -26,7 +27,15 @@ from worker.attempts import get_attempt, mark_guard_told
 from worker.faults import fail_point
 from worker.guard import Decision, GuardLimits, GuardUnavailable, Lane, Outcome, RefusalReason, recovery
 from worker.guard_ledger import LedgerView, implied_image, ms_of
-from worker.ledger import AttemptOutcome, SendAttempt, session_scope, utcnow
+from worker.ledger import (
+    AttemptOutcome,
+    Payment,
+    PaymentState,
+    PhoneRelease,
+    SendAttempt,
+    session_scope,
+    utcnow,
+)
 from worker.phones import mask_phone
 
 __all__ = [
@@ -314,3 +323,30 @@ def last_drift() -> int | None:
         return None
     text = stored.decode() if isinstance(stored, bytes) else str(stored)
     return int(text.split(":", 1)[0])
+
+
+def release_phone(phone: str, released_by: str) -> int:
+    """An operator frees a number held at its streak limit: the release is recorded in the ledger first (so a
+    rebuilt guard keeps it), then the guard starts the number's streak afresh, then the payments waiting for it
+    are due now. Returns how many waiting payments were released. Raises GuardUnavailable when Redis is away
+    (the ledger row stays: the next rebuild applies it)."""
+    settings, engine = runtime.settings(), runtime.engine()
+    with session_scope(engine) as session:
+        session.add(
+            PhoneRelease(account=settings.upesipay_account, phone=phone, released_by=released_by[:64])
+        )
+        session.commit()
+    runtime.guard().release_phone(phone)
+    with engine.begin() as connection:
+        released = connection.execute(
+            update(Payment)
+            .where(
+                col(Payment.account) == settings.upesipay_account,
+                col(Payment.phone) == phone,
+                col(Payment.state) == PaymentState.DEFERRED,
+                col(Payment.reason).startswith("guard: phone_blocked"),
+            )
+            .values(next_attempt_at=utcnow())
+        ).rowcount
+    log.warning("number %s released from its streak limit by %s", mask_phone(phone), released_by[:64])
+    return int(released or 0)

@@ -32,6 +32,7 @@ LEDGER_TABLES = {
     "send_attempt",
     "guard_block",
     "external_failure",
+    "phone_release",
     "event",
     "webhook_endpoint",
     "webhook_delivery",

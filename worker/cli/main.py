@@ -123,7 +123,7 @@ def status(external_reference: str, as_json: bool) -> None:
 
 
 class GuardGroup(click.Group):
-    """`stkpush guard [PHONE]` shows the guard; `stkpush guard rebuild|verify` are its subcommands."""
+    """`stkpush guard [PHONE]` shows the guard; `stkpush guard rebuild|verify|release` are its subcommands."""
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
@@ -188,6 +188,35 @@ def rebuild() -> None:
         f"rebuilt from the ledger: {snapshot.failures_in_window} failures in the window, "
         f"{snapshot.in_flight} in flight, headroom {snapshot.headroom}"
     )
+
+
+@guard.command()
+@click.argument("phone")
+@click.option(
+    "--by", "released_by", required=True, help="Who releases it (recorded in the ledger and the log)."
+)
+def release(phone: str, released_by: str) -> None:
+    """Free a number held at its streak limit: its streak starts afresh and its waiting payments go out.
+
+    UpesiPay documents no expiry for a streak: release a number only once the customer asked to be prompted
+    again (the next failure would otherwise be the one UpesiPay blocks it for)."""
+    from worker import reconcile
+    from worker.guard import GuardUnavailable
+    from worker.phones import PhoneNumberError, normalise_phone
+
+    try:
+        canonical = normalise_phone(phone)
+    except PhoneNumberError as error:
+        fail(f"PHONE: {error}")
+        return
+    if not released_by.strip():
+        fail("--by: must name who releases the number")
+    try:
+        waiting = reconcile.release_phone(canonical, released_by.strip())
+    except GuardUnavailable:
+        fail("Redis does not answer: the release is recorded and applies at the next rebuild", code=1)
+        return
+    click.echo(f"released {mask_phone(canonical)}: {waiting} waiting payments due now")
 
 
 @guard.command()
