@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from worker import runtime
-from worker.ledger import TERMINAL_STATES, Payment, PaymentState, get_payment
+from worker.ledger import TERMINAL_STATES, Payment, PaymentState, SendAttempt, get_payment, session_scope
 from worker.local.embedded_redis import EmbeddedRedis
 from worker.local.stack import Stack
 
@@ -88,3 +88,42 @@ def set_scenario(stack: Stack, scenario: Mapping[str, Any]) -> None:
 
 def new_reference(prefix: str = "T") -> str:
     return f"{prefix}-" + secrets.token_hex(5).upper()
+
+
+def api_key(stack: Stack) -> dict[str, str]:
+    """The header of the stack's producer API key."""
+    return {"X-API-Key": stack.env["API_KEYS"]}
+
+
+def wait_for_batch(stack: Stack, batch_id: str, timeout_s: float = 30) -> dict[str, Any]:
+    """GET /batches/{id} until the batch is no longer INGESTING."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = httpx.get(
+            f"{stack.web_url}/batches/{batch_id}", headers=api_key(stack), timeout=5
+        ).json()
+        if status["state"] != "INGESTING":
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"batch {batch_id} still ingesting after {timeout_s}s")
+
+
+def record_sent(payment: Payment, token: str | None = None) -> Payment:
+    """Store `payment` (state, references and sent_at set by the caller) as sent through one send attempt, as
+    every payment is: a callback then settles that attempt."""
+    payment.guard_token = token or f"{payment.id}.a1"
+    attempt = SendAttempt(
+        id=payment.guard_token,
+        payment_id=payment.id,
+        account=payment.account,
+        number=1,
+        sent_at=payment.sent_at,
+        provider_reference=payment.provider_reference,
+        checkout_request_id=payment.checkout_request_id,
+    )
+    with session_scope(runtime.engine()) as session:
+        session.add(payment)
+        session.flush()
+        session.add(attempt)
+        session.commit()
+    return payment

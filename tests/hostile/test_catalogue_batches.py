@@ -12,7 +12,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,10 @@ from tests.hostile.conftest import (
     payments_of_batch,
     reference,
 )
+from tests.support import api_key, wait_for_batch
 from worker.local.stack import Stack
 
 DEEP = 5_000  # far deeper than Python's JSON parser recurses
-
-
-def key(stack: Stack) -> dict[str, str]:
-    return {"X-API-Key": stack.env["API_KEYS"]}
 
 
 # ---- batch files: POST /batches and `stkpush batch` -----------------------------------------------------------
@@ -189,18 +185,6 @@ def assert_rejects_file_is_inert(text: str, expected: set[tuple[int, str]]) -> N
     assert_no_personal_data(text)
 
 
-def wait_for_batch(stack: Stack, batch_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status: dict[str, Any] = httpx.get(
-            f"{stack.web_url}/batches/{batch_id}", headers=key(stack), timeout=5
-        ).json()
-        if status["state"] != "INGESTING":
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"batch {batch_id} still ingesting after {timeout_s}s")
-
-
 @pytest.mark.parametrize("case", BATCH_CASES, ids=[case.name for case in BATCH_CASES])
 def test_post_batches_rejects_each_bad_line_by_line_and_field_and_records_the_good_ones(
     hostile_stack: Stack, case: BatchCase
@@ -210,7 +194,7 @@ def test_post_batches_rejects_each_bad_line_by_line_and_field_and_records_the_go
     accepted = httpx.post(
         f"{hostile_stack.web_url}/batches?format={case.file_format}&name=hostile.{case.file_format}",
         content=case.make_content().encode(),
-        headers=key(hostile_stack),
+        headers=api_key(hostile_stack),
         timeout=10,
     )
     assert accepted.status_code == 202, accepted.text
@@ -227,7 +211,7 @@ def test_post_batches_rejects_each_bad_line_by_line_and_field_and_records_the_go
         before.bulk_queue + case.good_rows,
     )
     rejects = httpx.get(
-        f"{hostile_stack.web_url}/batches/{status['batch_id']}/rejects", headers=key(hostile_stack)
+        f"{hostile_stack.web_url}/batches/{status['batch_id']}/rejects", headers=api_key(hostile_stack)
     )
     assert rejects.status_code == 200
     assert_rejects_file_is_inert(rejects.text, case.rejects)

@@ -20,6 +20,7 @@ from tests.hostile.conftest import (
     ledger_state,
     reference,
 )
+from tests.support import record_sent
 from worker import runtime
 from worker.ledger import (
     AttemptOutcome,
@@ -36,10 +37,6 @@ from worker.signing import callback_url
 DEEP = 5_000  # far deeper than Python's JSON parser recurses
 
 
-def key(stack: Stack) -> dict[str, str]:
-    return {"X-API-Key": stack.env["API_KEYS"]}
-
-
 # ---- the callback receiver ------------------------------------------------------------------------------------
 def awaiting_payment(stack: Stack) -> Payment:
     payment = Payment(
@@ -54,23 +51,7 @@ def awaiting_payment(stack: Stack) -> Payment:
         checkout_request_id="ws_CO_01122026101500000733445566",
         sent_at=utcnow(),
     )
-    # Sent through a send attempt, as every payment is: the callback settles that attempt.
-    payment.guard_token = f"{payment.id}.a1"
-    attempt = SendAttempt(
-        id=payment.guard_token,
-        payment_id=payment.id,
-        account=payment.account,
-        number=1,
-        sent_at=payment.sent_at,
-        provider_reference=payment.provider_reference,
-        checkout_request_id=payment.checkout_request_id,
-    )
-    with session_scope(runtime.engine()) as session:
-        session.add(payment)
-        session.flush()
-        session.add(attempt)
-        session.commit()
-    return payment
+    return record_sent(payment)
 
 
 def callback_document(payment: Payment, **changes: Any) -> dict[str, Any]:

@@ -22,14 +22,11 @@ from tests.hostile.conftest import (
     ledger_state,
     reference,
 )
+from tests.support import api_key
 from worker.local.stack import Stack
 
 DEEP = 5_000  # far deeper than Python's JSON parser recurses
 SHALLOWER = 2_500  # still too deep, and within POST /payments' 16 KiB
-
-
-def key(stack: Stack) -> dict[str, str]:
-    return {"X-API-Key": stack.env["API_KEYS"]}
 
 
 # ---- enqueue_payment ------------------------------------------------------------------------------------------
@@ -110,7 +107,7 @@ def test_post_payments_answers_4xx_naming_the_field_and_changes_nothing(
 ) -> None:
     before = ledger_state(hostile_stack)
     log_offset = len(hostile_stack.log_text("web"))
-    headers = key(hostile_stack) | {"Content-Type": "application/json"}
+    headers = api_key(hostile_stack) | {"Content-Type": "application/json"}
     with httpx.Client(base_url=hostile_stack.web_url, timeout=10) as client:
         answer = client.post("/payments", content=content, headers=headers)
         # The same keep-alive connection still serves: a 500 used to leave it reset.

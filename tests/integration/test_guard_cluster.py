@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.unit.test_guard import Clock
+from tests.unit.test_guard import Clock, fail
 from worker.guard import Guard, GuardLimits, Outcome, RefusalReason, recovery
 from worker.local.redis_cluster import EmbeddedRedisCluster
 
@@ -48,11 +48,6 @@ def guard_for(client: RedisCluster, account: str, clock: Clock) -> Guard:
 
 def number(account_index: int, phone_index: int) -> str:
     return f"2547{account_index:04d}{phone_index:04d}"
-
-
-def fail(guard: Guard, phone: str, token: str) -> None:
-    assert guard.admit(phone, token).admitted
-    assert guard.resolve(token, Outcome.FAILURE)
 
 
 def test_each_accounts_rules_hold_on_the_cluster(client: RedisCluster) -> None:

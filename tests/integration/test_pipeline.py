@@ -20,9 +20,9 @@ from tests.integration.conftest import (
     PHONE_SUCCESS,
     PHONE_WRONG_PIN,
 )
-from tests.support import pushes_for
+from tests.support import pushes_for, record_sent
 from worker import runtime
-from worker.ledger import Payment, PaymentState, count_by_state, get_payment, session_scope
+from worker.ledger import Payment, PaymentState, count_by_state, get_payment
 from worker.local.stack import Stack
 
 
@@ -153,7 +153,7 @@ def test_bad_input_records_nothing_and_queues_nothing(
 def awaiting_payment(stack: Stack) -> Payment:
     """A payment waiting for its callback, written straight to the ledger (no push, so no real callback), with
     the send attempt a real send would have opened."""
-    from worker.ledger import SendAttempt, new_payment_id, utcnow
+    from worker.ledger import new_payment_id, utcnow
 
     payment_id = new_payment_id()
     token = f"{payment_id}.test"
@@ -170,21 +170,7 @@ def awaiting_payment(stack: Stack) -> Payment:
         checkout_request_id="ws_CO_" + secrets.token_hex(8),
         sent_at=utcnow(),
     )
-    attempt = SendAttempt(
-        id=token,
-        payment_id=payment_id,
-        account=stack.account,
-        number=1,
-        sent_at=payment.sent_at,
-        provider_reference=payment.provider_reference,
-        checkout_request_id=payment.checkout_request_id,
-    )
-    with session_scope(runtime.engine()) as session:
-        session.add(payment)
-        session.flush()
-        session.add(attempt)
-        session.commit()
-    return payment
+    return record_sent(payment, token)
 
 
 def callback_body(payment: Payment, **overrides: Any) -> dict[str, Any]:

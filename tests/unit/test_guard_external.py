@@ -4,24 +4,17 @@ reference, at its own time, slides out with the window, and restricts the accoun
 from __future__ import annotations
 
 import pytest
-import redis
 
-from tests.unit.test_guard import SMALL, Clock
-from worker.guard import Guard, RefusalReason, recovery
+from tests.unit.test_guard import SMALL, Clock, GuardFactory, clock, make_guard
+from worker.guard import Guard, RefusalReason
 
 HOUR = 3600.0
+__all__ = ["clock", "make_guard"]  # fixtures of test_guard, used here
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def guard(redis_client: redis.Redis, clock: Clock) -> Guard:
-    guard = Guard(redis_client, "acct", SMALL, clock=clock)
-    recovery.start_empty(guard)
-    return guard
+def guard(make_guard: GuardFactory) -> Guard:
+    return make_guard()
 
 
 def test_an_external_failure_counts_once_by_reference(guard: Guard, clock: Clock) -> None:

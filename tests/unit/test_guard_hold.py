@@ -6,15 +6,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import redis
 
-from tests.unit.test_guard import SMALL, Clock, fail
-from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason, recovery
+from tests.unit.test_guard import SMALL, Clock, GuardFactory, clock, fail, make_guard
+from worker.guard import Decision, Guard, GuardLimits, Outcome, RefusalReason
 from worker.guard.guard import HOLD_S
 from worker.settings import SettingsError, load_settings
 
 PHONE = "254712345678"
 DAY = 86400.0
+__all__ = ["clock", "make_guard"]  # fixtures of test_guard, used here
 HELD = replace(SMALL, phone_cooldown_s=HOLD_S)
 REQUIRED = {
     "upesipay_base_url": "http://upesipay.test",
@@ -26,15 +26,8 @@ REQUIRED = {
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def held(redis_client: redis.Redis, clock: Clock) -> Guard:
-    guard = Guard(redis_client, "acct", HELD, clock=clock)
-    recovery.start_empty(guard)
-    return guard
+def held(make_guard: GuardFactory) -> Guard:
+    return make_guard(HELD)
 
 
 def fill_streak(guard: Guard, clock: Clock) -> None:
@@ -75,9 +68,8 @@ def test_a_release_keeps_the_sends_in_flight(held: Guard, clock: Clock) -> None:
     assert held.account_snapshot().in_flight == 1
 
 
-def test_rest_mode_frees_the_number_after_the_cooldown(redis_client: redis.Redis, clock: Clock) -> None:
-    rests = Guard(redis_client, "acct-rest", SMALL, clock=clock)
-    recovery.start_empty(rests)
+def test_rest_mode_frees_the_number_after_the_cooldown(make_guard: GuardFactory, clock: Clock) -> None:
+    rests = make_guard(SMALL, account="acct-rest")
     fill_streak(rests, clock)
     assert not rests.admit(PHONE, "early").admitted
     clock.advance(SMALL.phone_cooldown_s)

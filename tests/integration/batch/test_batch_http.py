@@ -12,30 +12,15 @@ import pytest
 from sqlmodel import func, select
 
 from tests.integration.batch.conftest import HEADER, payment_count, payments_with_references, queue_length
+from tests.support import api_key, wait_for_batch
 from worker import runtime
 from worker.ledger import Batch, session_scope
 from worker.local.stack import Stack
 
 
-def key(stack: Stack) -> dict[str, str]:
-    return {"X-API-Key": stack.env["API_KEYS"]}
-
-
 def batch_count() -> int:
     with session_scope(runtime.engine()) as session:
         return int(session.exec(select(func.count()).select_from(Batch)).one())
-
-
-def wait_for_batch(stack: Stack, batch_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status: dict[str, Any] = httpx.get(
-            f"{stack.web_url}/batches/{batch_id}", headers=key(stack), timeout=5
-        ).json()
-        if status["state"] != "INGESTING":
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"batch {batch_id} still ingesting after {timeout_s}s")
 
 
 @pytest.mark.parametrize(
@@ -76,7 +61,7 @@ def test_post_payment_records_it_on_the_single_queue_idempotently(batch_stack: S
     }
     queued = queue_length(batch_stack, "single")
 
-    first = httpx.post(url, json=body, headers=key(batch_stack), timeout=10)
+    first = httpx.post(url, json=body, headers=api_key(batch_stack), timeout=10)
 
     assert first.status_code == 201
     view = first.json()
@@ -88,9 +73,9 @@ def test_post_payment_records_it_on_the_single_queue_idempotently(batch_stack: S
     )
     assert view["phone"] == "2547****601" and "0712345601" not in first.text
     assert queue_length(batch_stack, "single") == queued + 1
-    again = httpx.post(url, json=body, headers=key(batch_stack), timeout=10)
+    again = httpx.post(url, json=body, headers=api_key(batch_stack), timeout=10)
     assert (again.status_code, again.json()["id"], again.json()["created"]) == (200, view["id"], False)
-    conflict = httpx.post(url, json={**body, "amount": 121}, headers=key(batch_stack), timeout=10)
+    conflict = httpx.post(url, json={**body, "amount": 121}, headers=api_key(batch_stack), timeout=10)
     assert conflict.status_code == 409 and conflict.json()["fields"] == ["amount"]
     assert [p.amount for p in payments_with_references([f"{prefix}1"])] == [120]
 
@@ -133,7 +118,7 @@ def test_post_payment_names_every_bad_field_with_422_and_records_nothing(
     answer = httpx.post(
         f"{batch_stack.web_url}/payments",
         content=content,
-        headers={**key(batch_stack), "content-type": "application/json"},
+        headers={**api_key(batch_stack), "content-type": "application/json"},
         timeout=10,
     )
 
@@ -147,7 +132,7 @@ def test_post_payment_names_every_bad_field_with_422_and_records_nothing(
 def test_post_payment_takes_a_deadline_and_defaults_to_the_interactive_one(batch_stack: Stack) -> None:
     def post(body: dict[str, Any]) -> dict[str, Any]:
         answer = httpx.post(
-            f"{batch_stack.web_url}/payments", json=body, headers=key(batch_stack), timeout=10
+            f"{batch_stack.web_url}/payments", json=body, headers=api_key(batch_stack), timeout=10
         )
         assert answer.status_code == 201, answer.text
         return dict(answer.json())
@@ -173,7 +158,7 @@ def test_post_batch_answers_with_the_batch_id_at_once_and_ingests_in_the_backgro
     answer = httpx.post(
         f"{batch_stack.web_url}/batches?name=march.csv",
         content=upload,
-        headers={**key(batch_stack), "content-type": "text/csv"},
+        headers={**api_key(batch_stack), "content-type": "text/csv"},
         timeout=30,
     )
     answered_after = time.monotonic() - started
@@ -181,7 +166,9 @@ def test_post_batch_answers_with_the_batch_id_at_once_and_ingests_in_the_backgro
     assert answer.status_code == 202
     batch_id = answer.json()["batch_id"]
     assert answer.headers["location"] == f"/batches/{batch_id}" == answer.json()["status_url"]
-    early = httpx.get(f"{batch_stack.web_url}/batches/{batch_id}", headers=key(batch_stack), timeout=5).json()
+    early = httpx.get(
+        f"{batch_stack.web_url}/batches/{batch_id}", headers=api_key(batch_stack), timeout=5
+    ).json()
     status = wait_for_batch(batch_stack, batch_id)
     ingested_after = time.monotonic() - started
     assert early["state"] == "INGESTING" and early["rows_recorded"] < 4000
@@ -196,7 +183,9 @@ def test_post_batch_answers_with_the_batch_id_at_once_and_ingests_in_the_backgro
     assert status["amount_requested"] == sum(n % 900 + 1 for n in range(1, 4001))
     assert status["rejects"] == [{"line": 4002, "field": "amount", "rule": status["rejects"][0]["rule"]}]
     assert queue_length(batch_stack) == queued + 4000
-    rejects = httpx.get(f"{batch_stack.web_url}{status['rejects_url']}", headers=key(batch_stack), timeout=5)
+    rejects = httpx.get(
+        f"{batch_stack.web_url}{status['rejects_url']}", headers=api_key(batch_stack), timeout=5
+    )
     assert rejects.status_code == 200 and rejects.text.splitlines()[0] == "line,field,rule"
     assert rejects.text.splitlines()[1].startswith("4002,amount,")
 
@@ -211,7 +200,7 @@ def test_post_batch_takes_json_lines_by_content_type_and_all_or_nothing(
     answer = httpx.post(
         f"{batch_stack.web_url}/batches?all_or_nothing=true",
         content="\n".join(lines).encode(),
-        headers={**key(batch_stack), "content-type": "application/x-ndjson"},
+        headers={**api_key(batch_stack), "content-type": "application/x-ndjson"},
         timeout=10,
     )
     assert answer.status_code == 202
@@ -226,16 +215,16 @@ def test_post_batch_refuses_an_unknown_format_and_an_empty_body(batch_stack: Sta
     unknown = httpx.post(
         f"{batch_stack.web_url}/batches",
         content=b"a,b\n",
-        headers={**key(batch_stack), "content-type": "application/octet-stream"},
+        headers={**api_key(batch_stack), "content-type": "application/octet-stream"},
         timeout=5,
     )
     empty = httpx.post(
-        f"{batch_stack.web_url}/batches?format=csv", content=b"", headers=key(batch_stack), timeout=5
+        f"{batch_stack.web_url}/batches?format=csv", content=b"", headers=api_key(batch_stack), timeout=5
     )
     assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == "format"
     assert empty.status_code == 422 and empty.json()["errors"][0]["field"] == "body"
     assert batch_count() == batches
-    missing = httpx.get(f"{batch_stack.web_url}/batches/{'0' * 32}", headers=key(batch_stack), timeout=5)
+    missing = httpx.get(f"{batch_stack.web_url}/batches/{'0' * 32}", headers=api_key(batch_stack), timeout=5)
     assert missing.status_code == 404
 
 
