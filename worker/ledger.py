@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Index, UniqueConstraint, event, update
 from sqlalchemy import select as table_select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -316,6 +317,18 @@ def announce_event(committed: events.CommittedEvent | None) -> None:
     """After the commit: wake what listens (webhook release, `?wait=`); a missed wake-up is caught by beat."""
     if committed is not None:
         events.announce([committed])
+
+
+def insert_ignoring_conflicts(
+    connection: Connection, table: Any, index_elements: list[str] | None = None
+) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING on the connection's dialect: a row another writer recorded first is
+    skipped, not an error (batch re-runs, a list read twice). `index_elements` names the unique key."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=index_elements)
+    if connection.dialect.name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=index_elements)
+    raise AssertionError("the settings accept only SQLite and PostgreSQL")  # pragma: no cover
 
 
 def mark(engine: Engine, payment_id: str, **fields: Any) -> None:

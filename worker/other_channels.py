@@ -20,12 +20,11 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, update
 from sqlmodel import col, select
 
 from worker import runtime
-from worker.ledger import ExternalFailure, Payment, session_scope, utcnow
+from worker.ledger import ExternalFailure, Payment, insert_ignoring_conflicts, session_scope, utcnow
 from worker.upesipay import ListedPush
 
 log = logging.getLogger("stkpush.other_channels")
@@ -88,15 +87,7 @@ def _record_new(account: str, pushes: list[ListedPush], window_s: int) -> int:
         return 0
     table: Any = ExternalFailure.__table__  # type: ignore[attr-defined]
     with runtime.engine().begin() as connection:
-        dialect = connection.dialect.name
-        statement: Any
-        if dialect == "postgresql":
-            statement = postgresql.insert(table).on_conflict_do_nothing()
-        elif dialect == "sqlite":
-            statement = sqlite.insert(table).on_conflict_do_nothing()
-        else:  # pragma: no cover - the settings accept only SQLite and PostgreSQL
-            statement = insert(table)
-        return int(connection.execute(statement, rows).rowcount or 0)
+        return int(connection.execute(insert_ignoring_conflicts(connection, table), rows).rowcount or 0)
 
 
 def tell_guard_owed() -> int:

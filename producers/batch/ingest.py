@@ -26,8 +26,7 @@ from itertools import islice
 from pathlib import Path
 from typing import IO, Any, cast
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, func, select, update
 from sqlmodel import col
 
 from producers.batch.publish import publish_bulk
@@ -44,7 +43,16 @@ from producers.batch.report import BatchCounts, BatchReport
 from producers.enqueue import differing_fields
 from producers.validation import FieldError, PaymentRequest, PaymentValidationError, validate_payment
 from worker import runtime
-from worker.ledger import Batch, BatchState, Payment, PaymentState, new_payment_id, session_scope, utcnow
+from worker.ledger import (
+    Batch,
+    BatchState,
+    Payment,
+    PaymentState,
+    insert_ignoring_conflicts,
+    new_payment_id,
+    session_scope,
+    utcnow,
+)
 
 log = logging.getLogger("stkpush.batch")
 
@@ -455,18 +463,9 @@ class _Ingestion:
             for c in new
         ]
         table = Payment.metadata.tables[Payment.__tablename__]
-        statement: Any
-        if connection.dialect.name == "postgresql":
-            statement = postgresql.insert(table).on_conflict_do_nothing(
-                index_elements=["account", "external_reference"]
-            )
-        elif connection.dialect.name == "sqlite":
-            statement = sqlite.insert(table).on_conflict_do_nothing(
-                index_elements=["account", "external_reference"]
-            )
-        else:  # pragma: no cover - the settings accept only SQLite and PostgreSQL
-            statement = insert(table)
-        statement = statement.returning(table.c.external_reference, table.c.id)
+        statement = insert_ignoring_conflicts(connection, table, ["account", "external_reference"]).returning(
+            table.c.external_reference, table.c.id
+        )
         return {reference: payment_id for reference, payment_id in connection.execute(statement, rows)}
 
     def _save_counts(self, connection: Connection, counts: BatchCounts, **extra: Any) -> None:
