@@ -6,7 +6,15 @@ from functools import lru_cache
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Celery (kombu's Redis transport) redelivers an unacked message once it has been reserved this long. Every
@@ -16,6 +24,16 @@ DEFAULT_VISIBILITY_TIMEOUT_S = 3600
 # UpesiPay's documented abuse rules (docs/upesipay.md): the guard's limits may be lower, never higher.
 PROVIDER_STREAK_LIMIT = 10
 PROVIDER_FAILURE_LIMIT = 50
+PROVIDER_LIMITS = {
+    "phone_streak_limit": (
+        PROVIDER_STREAK_LIMIT,
+        f"UpesiPay blocks a number after more than {PROVIDER_STREAK_LIMIT} successive failed or cancelled requests",
+    ),
+    "account_failure_limit": (
+        PROVIDER_FAILURE_LIMIT,
+        f"UpesiPay restricts the account after more than {PROVIDER_FAILURE_LIMIT} failed requests in 6 hours",
+    ),
+}
 
 
 class SettingsError(RuntimeError):
@@ -180,24 +198,12 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:// or postgresql:// URL")
         return value
 
-    @field_validator("phone_streak_limit")
+    @field_validator("phone_streak_limit", "account_failure_limit")
     @classmethod
-    def _provider_streak(cls, value: int) -> int:
-        if value > PROVIDER_STREAK_LIMIT:
-            raise ValueError(
-                f"must be at most {PROVIDER_STREAK_LIMIT}: UpesiPay blocks a number after more than "
-                f"{PROVIDER_STREAK_LIMIT} successive failed or cancelled requests"
-            )
-        return value
-
-    @field_validator("account_failure_limit")
-    @classmethod
-    def _provider_budget(cls, value: int) -> int:
-        if value > PROVIDER_FAILURE_LIMIT:
-            raise ValueError(
-                f"must be at most {PROVIDER_FAILURE_LIMIT}: UpesiPay restricts the account after more than "
-                f"{PROVIDER_FAILURE_LIMIT} failed requests in 6 hours"
-            )
+    def _provider_limits(cls, value: int, info: ValidationInfo) -> int:
+        most, rule = PROVIDER_LIMITS[info.field_name or ""]
+        if value > most:
+            raise ValueError(f"must be at most {most}: {rule}")
         return value
 
     @model_validator(mode="after")
