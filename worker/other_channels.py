@@ -24,7 +24,14 @@ from sqlalchemy import func, update
 from sqlmodel import col, select
 
 from worker import runtime
-from worker.ledger import ExternalFailure, Payment, insert_ignoring_conflicts, session_scope, utcnow
+from worker.ledger import (
+    ExternalFailure,
+    Payment,
+    SendAttempt,
+    insert_ignoring_conflicts,
+    session_scope,
+    utcnow,
+)
 from worker.upesipay import ListedPush
 
 log = logging.getLogger("stkpush.other_channels")
@@ -61,7 +68,15 @@ def _record_new(account: str, pushes: list[ListedPush], window_s: int) -> int:
     references = {push.reference for push, _ in recent}
     externals = {push.external_reference for push, _ in recent if push.external_reference}
     with session_scope(runtime.engine()) as session:
+        # Every attempt's reference, not only each payment's latest: an earlier attempt of a payment sent again
+        # that failed at UpesiPay is ours too, counted through that attempt.
         ours = set(
+            session.exec(
+                select(SendAttempt.provider_reference).where(
+                    SendAttempt.account == account, col(SendAttempt.provider_reference).in_(references)
+                )
+            ).all()
+        ) | set(
             session.exec(
                 select(Payment.provider_reference).where(
                     Payment.account == account, col(Payment.provider_reference).in_(references)
