@@ -73,6 +73,9 @@ class EmbeddedRedis:
                 "no",
                 "--dir",
                 str(self.workdir),
+                # Each stack of the test suite takes a database number of its own; 16 ran out.
+                "--databases",
+                "64",
                 # A Celery broker must never evict a message.
                 "--maxmemory-policy",
                 "noeviction",
