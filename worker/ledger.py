@@ -226,6 +226,35 @@ class ExternalFailure(SQLModel, table=True):
     guard_told_at: datetime | None = None  # None: the guard has not confirmed counting it yet
 
 
+class PaymentReopen(SQLModel, table=True):
+    """An operator (or the API) re-opened a FAILED payment that never reached UpesiPay (`stkpush retry`,
+    worker/retry.py): FAILED -> PENDING, its send budget starting afresh from `reopened_at`."""
+
+    __tablename__ = "payment_reopen"
+
+    id: int | None = Field(default=None, primary_key=True)
+    payment_id: str = Field(max_length=32, index=True, foreign_key="payment.id")
+    reopened_at: datetime = Field(default_factory=utcnow)
+    reopened_by: str = Field(max_length=64)
+    previous_reason: str | None = Field(default=None, max_length=500)
+
+
+class UnknownLookup(SQLModel, table=True):
+    """One lookup about an UNKNOWN (ambiguous) send attempt: what UpesiPay said (worker/ambiguous.py). Resending
+    needs enough spaced "no such request" answers; kept here so a crash between lookups keeps the evidence, and
+    the unique (attempt, slot) key counts each spaced lookup once however many workers ask."""
+
+    __tablename__ = "unknown_lookup"
+    __table_args__ = (UniqueConstraint("attempt_id", "slot", name="uq_unknown_lookup_attempt_slot"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    attempt_id: str = Field(max_length=64, index=True, foreign_key="send_attempt.id")
+    slot: int  # which spaced lookup this is (0, 1, ...): at most one answer counts per slot
+    source: str = Field(max_length=16)  # "status" (by provider reference) or "list" (by external reference)
+    answer: str = Field(max_length=16)  # a TransactionStatus value
+    asked_at: datetime = Field(default_factory=utcnow)
+
+
 def make_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":

@@ -12,11 +12,11 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from worker import batch_brake, bulk_turns, metrics, runtime
+from worker import batch_brake, bulk_turns, metrics, provider_blocks, retry, runtime
 from worker.attempts import claim_for_send, end_attempt, record_guard_block, record_sent
 from worker.dispatch import expire, guard_refusal_reason
 from worker.faults import fail_point
-from worker.guard import Lane, RefusalReason
+from worker.guard import GuardUnavailable, Lane, RefusalReason
 from worker.ledger import AttemptOutcome, GuardBlockKind, Payment, PaymentState, get_payment, utcnow
 from worker.phones import mask_phone
 from worker.provider_callback import apply_held
@@ -28,8 +28,8 @@ log = logging.getLogger("stkpush.sending")
 
 # Refusals during which a rebuild may be reading the ledger: the attempt is released rather than just refused.
 UNSURE_REFUSALS = frozenset({RefusalReason.GUARD_REBUILDING, RefusalReason.GUARD_UNAVAILABLE})
-# When UpesiPay says "rate limited" without a Retry-After, wait this long before asking again.
-DEFAULT_RATE_LIMIT_WAIT_S = 60.0
+# When UpesiPay says "rate limited" without a Retry-After and names neither a number nor the account.
+DEFAULT_RATE_LIMIT_WAIT_S = provider_blocks.THROTTLE_WAIT_S
 
 
 class SendResult(StrEnum):
@@ -77,6 +77,21 @@ def defer(token: str, seconds: float, reason: str, outcome: AttemptOutcome = Att
         reason=reason[:500],
         guard_token=None,
     ).payment_moved
+
+
+def provider_block_wait(payment: Payment, result: PushResult) -> float:
+    """The stated end of a block or restriction, else the rule's own duration (worker.provider_blocks)."""
+    settings, guard = runtime.settings(), runtime.guard()
+    failures = 0
+    if result.retry_after_s is None and result.scope == RestrictionScope.ACCOUNT:
+        failures = provider_blocks.account_failures_in_window(
+            runtime.engine(), payment.account, settings.account_window_s
+        )
+        try:
+            failures = max(failures, guard.account_snapshot().failures_in_window)
+        except GuardUnavailable:
+            pass  # the ledger's count stands
+    return provider_blocks.block_wait_s(result, failures, guard.limits, settings.provider_block_wait_s)
 
 
 def lane_of(payment: Payment) -> Lane:
@@ -215,7 +230,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             )
             return SendResult.PAUSED, None
         case PushOutcome.RATE_LIMITED:
-            wait = result.retry_after_s if result.retry_after_s is not None else DEFAULT_RATE_LIMIT_WAIT_S
+            wait = provider_block_wait(payment, result)
             until = utcnow() + timedelta(seconds=wait)
             # The ledger first: a guard rebuilt from it must still honour the provider's word.
             if result.scope == RestrictionScope.PHONE:
@@ -234,8 +249,12 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             log.warning("payment %s: UpesiPay rate limited (%s) for %.0fs", payment.id, result.scope, wait)
             return SendResult.DEFERRED, None
         case PushOutcome.NOT_SENT:
+            # Nothing reached UpesiPay: retried with capped backoff for SEND_RETRY_FOR_S from the first attempt
+            # of this run (worker.retry), however many attempts an outage takes; the deadline still wins.
             attempts = payment.attempts + 1
-            if attempts >= runtime.settings().send_max_attempts:
+            budget_s = runtime.settings().send_retry_for_s
+            started = retry.send_budget_start(engine, payment.id)
+            if utcnow() - started >= timedelta(seconds=budget_s):
                 if end_attempt(
                     engine,
                     token,
@@ -243,10 +262,16 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                     payment_from=[PaymentState.SENDING],
                     payment_to=PaymentState.FAILED,
                     attempts=attempts,
-                    reason=f"could not reach UpesiPay after {attempts} attempts: {result.detail}"[:500],
+                    reason=f"{retry.NEVER_SENT} UpesiPay unreachable for {budget_s}s ({attempts} attempts): "
+                    f"{result.detail}"[:500],
                 ).attempt_ended:
                     tell_guard(token, AttemptOutcome.RELEASED)
-                log.error("payment %s failed: UpesiPay unreachable after %d attempts", payment.id, attempts)
+                log.error(
+                    "payment %s failed: UpesiPay unreachable for %ds (%d attempts), never sent",
+                    payment.id,
+                    budget_s,
+                    attempts,
+                )
                 return SendResult.GAVE_UP, None
             countdown = backoff_s(attempts)
             if end_attempt(

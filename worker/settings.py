@@ -71,9 +71,31 @@ class Settings(BaseSettings):
     # Payment rules
     amount_min: int = Field(default=1, ge=1)
     amount_max: int = Field(default=150_000, ge=1)
+    # Deprecated: no longer read. A send that provably never reached UpesiPay retries for SEND_RETRY_FOR_S.
     send_max_attempts: int = Field(default=5, ge=1, le=20)
     send_backoff_base_s: float = Field(default=2.0, gt=0)
     send_backoff_cap_s: float = Field(default=300.0, gt=0)
+    # A payment whose sends never reached UpesiPay (connection refused, DNS, 502/503 before recording) retries with
+    # backoff (base, doubling, capped at SEND_BACKOFF_CAP_S) for this long from its first such attempt, then FAILED
+    # "never sent" (`stkpush retry` re-opens it). Its deadline (EXPIRED) still comes first.
+    send_retry_for_s: int = Field(default=3 * 3600, ge=1)
+    # A block or restriction UpesiPay announces without an end lasts the rule's own duration (0, the default: 24 h
+    # for a number, 4/24/72 h for the account by our window's count). N > 0 probes after N seconds instead: the
+    # looser reading, at the merchant's risk (docs/guard.md, "Provider blocks").
+    provider_block_wait_s: int = Field(default=0, ge=0)
+    # An ambiguous send (timeout, reset, 5xx) is sent again only when the prompt's lifetime has passed and
+    # UNKNOWN_LOOKUPS lookups, each UNKNOWN_LOOKUP_SPACING_S apart, agree UpesiPay has no such request
+    # (worker/ambiguous.py). M-Pesa prompts live about 60-120 s: the strict value is above that.
+    prompt_lifetime_s: int = Field(default=180, ge=1)
+    unknown_lookups: int = Field(default=2, ge=2, le=10)
+    unknown_lookup_spacing_s: int = Field(default=60, ge=1)
+    # Without a provider reference only the transactions list can be asked, and "not in the list" is no proof
+    # (docs/upesipay.md): such a payment stays UNKNOWN unless the merchant sets this (the looser reading).
+    unknown_resend_on_list_absence: bool = False
+    # ResultCode 1001 ("another transaction is in progress on that phone"): a failure for the guard, not the
+    # payment's end; sent again after IN_PROGRESS_RETRY_S, at most IN_PROGRESS_RETRIES times, then FAILED.
+    in_progress_retry_s: int = Field(default=120, ge=1)
+    in_progress_retries: int = Field(default=3, ge=0, le=20)
 
     # Credentials refused: every send waits this long, then one payment probes whether they work again.
     credentials_probe_s: float = Field(default=120.0, gt=0)

@@ -33,6 +33,8 @@ LEDGER_TABLES = {
     "guard_block",
     "external_failure",
     "phone_release",
+    "payment_reopen",
+    "unknown_lookup",
     "event",
     "webhook_endpoint",
     "webhook_delivery",

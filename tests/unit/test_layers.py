@@ -56,6 +56,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.bulk_turns",
             "worker.settlement",
             "worker.other_channels",
+            "worker.provider_blocks",
+            "worker.retry",
             "worker.provider_callback",
             "worker.reconcile",
             "worker.metrics",

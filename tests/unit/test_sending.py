@@ -63,7 +63,6 @@ def provider(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str) ->
         "CALLBACK_SECRET": "unit-callback-secret-0123",
         "REDIS_URL": redis_url,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-        "SEND_MAX_ATTEMPTS": "3",
     }.items():
         monkeypatch.setenv(name, value)
     runtime.reset()
@@ -159,9 +158,11 @@ def test_429_naming_the_phone_blocks_only_that_number(provider: Provider) -> Non
     assert runtime.guard().account_snapshot().restricted_until is None
 
 
-def test_connection_failure_goes_back_to_pending_with_backoff_then_fails_after_max_attempts(
+def test_connection_failure_goes_back_to_pending_with_backoff_then_fails_after_the_budget(
     provider: Provider,
 ) -> None:
+    from worker.attempts import attempts_of, mark_attempt
+
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
@@ -172,10 +173,17 @@ def test_connection_failure_goes_back_to_pending_with_backoff_then_fails_after_m
     stored = reload(payment)
     assert stored.state == PaymentState.PENDING and stored.attempts == 1
     assert runtime.guard().account_snapshot().in_flight == 0  # reservation released: nothing was sent
-    send_payment(payment.id)
+    # However many attempts an outage takes, the payment keeps waiting within SEND_RETRY_FOR_S
+    for _ in range(8):
+        assert send_payment(payment.id)[0] == SendResult.RETRY
+    assert reload(payment).state == PaymentState.PENDING
+    # Once its first attempt is older than the budget, the next not-sent attempt fails it as never sent
+    first = attempts_of(runtime.engine(), payment.id)[0]
+    budget = runtime.settings().send_retry_for_s
+    mark_attempt(runtime.engine(), first.id, created_at=first.created_at - timedelta(seconds=budget + 1))
     assert send_payment(payment.id) == (SendResult.GAVE_UP, None)
     stored = reload(payment)
-    assert stored.state == PaymentState.FAILED and "after 3 attempts" in (stored.reason or "")
+    assert stored.state == PaymentState.FAILED and (stored.reason or "").startswith("never sent:")
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,33 @@ def status(external_reference: str, as_json: bool) -> None:
         )
 
 
+@main.command()
+@click.argument("ref")
+@click.option("--by", "reopened_by", default="cli", show_default=True, help="Who re-opens it (recorded).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def retry(ref: str, reopened_by: str, as_json: bool) -> None:
+    """Re-open a FAILED payment that provably never reached UpesiPay (REF: external reference or payment id).
+
+    Every send attempt must have ended without UpesiPay recording it; anything else is refused with the reason
+    (exit 1), since the customer may have been prompted. Re-opening twice is the same as once."""
+    from worker.retry import reopen_view, retry_payment
+
+    if not reopened_by.strip():
+        fail("--by: must name who re-opens the payment")
+    answer = retry_payment(ref, reopened_by.strip())
+    if answer is None:
+        fail("no payment with that external reference or id", code=1)
+        return
+    view = reopen_view(answer)
+    if as_json:
+        click.echo(json.dumps(view))
+    elif answer.refusal is None:
+        done = "re-opened" if answer.reopened else "already re-opened"
+        click.echo(f"{done} {answer.payment.external_reference}: now {answer.payment.state.value}")
+    if answer.refusal is not None:
+        fail(f"not re-opened: {answer.refusal}", code=1)
+
+
 class GuardGroup(click.Group):
     """`stkpush guard [PHONE]` shows the guard; `stkpush guard rebuild|verify|release` are its subcommands."""
 

@@ -404,3 +404,25 @@ async def payment_status(
     if wait_s and payment.state not in TERMINAL_STATES:
         payment = await wait_for_outcome(external_reference, wait_s, read) or payment
     return JSONResponse(history_view(payment))
+
+
+@router.post(
+    "/payments/{ref}/retry",
+    summary="Re-open a FAILED payment that provably never reached UpesiPay (ref: external_reference or id)",
+    responses={
+        404: {"description": "no such payment"},
+        409: {
+            "description": "refused: the payment is not FAILED, or it may have reached UpesiPay (detail says)"
+        },
+    },
+)
+def retry_payment(ref: str) -> JSONResponse:
+    from worker import retry
+
+    answer = retry.retry_payment(ref, "api")
+    if answer is None:
+        return JSONResponse({"detail": "no payment with that external_reference or id"}, status_code=404)
+    view = retry.reopen_view(answer)
+    if answer.refusal is not None:
+        return JSONResponse({**view, "detail": f"not re-opened: {answer.refusal}"}, status_code=409)
+    return JSONResponse(view)

@@ -1,0 +1,237 @@
+"""Issue 11's waiting rules on the real send path (claim, guard on a real Redis, the UpesiPay client, SQLite ledger),
+UpesiPay's answers injected through httpx's transport seam (tests/unit/test_sending.py's fixture):
+
+- a block or restriction without a stated end lasts the rule's own duration, one with `until <time>` that time;
+- a payment whose sends never reached UpesiPay is re-opened by `stkpush retry` / the API only when that is provable,
+  once, whoever races.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from sqlmodel import col, func, select
+
+from tests.unit.test_sending import Handler, Provider, new_payment, provider, reload
+from worker import runtime
+from worker.attempts import attempts_of, mark_attempt
+from worker.ledger import (
+    ExternalFailure,
+    GuardBlock,
+    GuardBlockKind,
+    Payment,
+    PaymentReopen,
+    PaymentState,
+    get_payment,
+    session_scope,
+    utcnow,
+)
+from worker.provider_blocks import restriction_s
+from worker.retry import reopen
+from worker.sending import SendResult, send_payment
+from worker.settings import get_settings
+
+__all__ = ["provider"]  # the fixture of test_sending, used here
+HOUR = 3600.0
+PHONE_BLOCKED = {"error_message": "STK push blocked for this phone number by abuse protection"}
+ACCOUNT_RESTRICTED = {"error_message": "Account restricted from STK push by abuse protection"}
+
+
+def answer_429(body: dict[str, str], headers: dict[str, str] | None = None) -> Handler:
+    return lambda _request: httpx.Response(429, json=body, headers=headers)
+
+
+def deferred_for_s(payment_id: str) -> float:
+    stored = reload_id(payment_id)
+    assert stored.state == PaymentState.DEFERRED and stored.next_attempt_at is not None
+    return (stored.next_attempt_at - utcnow()).total_seconds()
+
+
+def reload_id(payment_id: str) -> Payment:
+    stored = get_payment(runtime.engine(), payment_id)
+    assert stored is not None
+    return stored
+
+
+def blocks(kind: GuardBlockKind) -> list[GuardBlock]:
+    with session_scope(runtime.engine()) as session:
+        return list(session.exec(select(GuardBlock).where(col(GuardBlock.kind) == kind)).all())
+
+
+def add_external_failures(count: int) -> None:
+    now = utcnow()
+    with session_scope(runtime.engine()) as session:
+        for index in range(count):
+            session.add(ExternalFailure(account="unit", provider_reference=f"X{index}", failed_at=now))
+        session.commit()
+
+
+def test_a_number_blocked_without_retry_after_waits_24_hours_and_its_other_payments_are_refused(
+    provider: Provider,
+) -> None:
+    provider.handler = answer_429(PHONE_BLOCKED)
+    payment = new_payment("A")
+    assert send_payment(payment.id)[0] == SendResult.DEFERRED
+    # The payment waits the rule's 24 h, not 60 s; the ledger holds the block until then (a rebuild keeps it)
+    assert 24 * HOUR - 60 <= deferred_for_s(payment.id) <= 24 * HOUR
+    (block,) = blocks(GuardBlockKind.PHONE)
+    until = block.until if block.until.tzinfo else block.until.replace(tzinfo=utcnow().tzinfo)
+    assert 24 * HOUR - 60 <= (until - utcnow()).total_seconds() <= 24 * HOUR
+    # Another payment to that number is refused by the guard and never reaches UpesiPay
+    other = new_payment("B")
+    assert send_payment(other.id)[0] == SendResult.DEFERRED
+    assert len(provider.pushes) == 1
+    assert deferred_for_s(other.id) >= 24 * HOUR - 60
+    # ... while another number is sent
+    provider.handler = lambda _r: httpx.Response(
+        201, json={"success": True, "status": "QUEUED", "reference": "R2", "CheckoutRequestID": "ws_2"}
+    )
+    assert send_payment(new_payment("C", phone="254712345679").id)[0] == SendResult.ACCEPTED
+
+
+@pytest.mark.parametrize(("failures", "hours"), [(0, 4), (49, 4), (500, 24), (1000, 72)])
+def test_an_account_restricted_without_retry_after_waits_the_tier_its_window_implies(
+    provider: Provider, failures: int, hours: float
+) -> None:
+    add_external_failures(failures)
+    provider.handler = answer_429(ACCOUNT_RESTRICTED)
+    payment = new_payment()
+    assert send_payment(payment.id)[0] == SendResult.DEFERRED
+    assert hours * HOUR - 60 <= deferred_for_s(payment.id) <= hours * HOUR
+    restricted = runtime.guard().account_snapshot().restricted_until
+    assert restricted is not None and restricted - utcnow().timestamp() >= hours * HOUR - 60
+    assert len(blocks(GuardBlockKind.ACCOUNT)) == 1
+
+
+def test_an_end_stated_in_the_message_is_used(provider: Provider) -> None:
+    until = (utcnow() + timedelta(hours=2)).replace(microsecond=0)
+    body = {"error_message": f"{PHONE_BLOCKED['error_message']} until {until.isoformat()}"}
+    provider.handler = answer_429(body)
+    payment = new_payment()
+    send_payment(payment.id)
+    assert 2 * HOUR - 60 <= deferred_for_s(payment.id) <= 2 * HOUR + 1
+
+
+def test_retry_after_wins_over_the_rule(provider: Provider) -> None:
+    provider.handler = answer_429(PHONE_BLOCKED, {"Retry-After": "900"})
+    payment = new_payment()
+    send_payment(payment.id)
+    assert 840 <= deferred_for_s(payment.id) <= 900
+
+
+def test_the_looser_wait_is_an_explicit_setting(provider: Provider, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROVIDER_BLOCK_WAIT_S", "600")
+    get_settings.cache_clear()
+    provider.handler = answer_429(PHONE_BLOCKED)
+    payment = new_payment()
+    send_payment(payment.id)
+    assert 540 <= deferred_for_s(payment.id) <= 600
+
+
+def test_a_plain_429_naming_no_scope_is_throttling_and_waits_a_minute(provider: Provider) -> None:
+    provider.handler = lambda _r: httpx.Response(429, text="slow down")
+    payment = new_payment()
+    send_payment(payment.id)
+    assert 0 < deferred_for_s(payment.id) <= 60
+
+
+def test_restriction_tiers_never_below_four_hours() -> None:
+    assert [restriction_s(n) / HOUR for n in (0, 50, 499, 500, 999, 1000, 5000)] == [4, 4, 4, 24, 24, 72, 72]
+
+
+# -- re-opening payments never sent ------------------------------------------------------------------------------
+
+
+def refuse(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def failed_never_sent(provider: Provider, reference: str = "NS-1") -> str:
+    provider.handler = refuse
+    payment = new_payment(reference)
+    send_payment(payment.id)
+    first = attempts_of(runtime.engine(), payment.id)[0]
+    old = first.created_at - timedelta(seconds=runtime.settings().send_retry_for_s + 1)
+    mark_attempt(runtime.engine(), first.id, created_at=old)
+    assert send_payment(payment.id)[0] == SendResult.GAVE_UP
+    assert reload(payment).state == PaymentState.FAILED
+    return payment.id
+
+
+def reopens(payment_id: str) -> int:
+    with session_scope(runtime.engine()) as session:
+        statement = select(func.count()).select_from(PaymentReopen)
+        return int(session.exec(statement.where(col(PaymentReopen.payment_id) == payment_id)).one())
+
+
+def test_a_never_sent_payment_is_reopened_once_and_its_budget_starts_afresh(provider: Provider) -> None:
+    payment_id = failed_never_sent(provider)
+    stale = reload_id(payment_id)
+    first = reopen(runtime.engine(), stale, "ops")
+    assert first.reopened and first.refusal is None and first.payment.state == PaymentState.PENDING
+    assert first.payment.attempts == 0
+    # A racing caller holding the same FAILED row, and a repeat, re-open nothing more and are not refused
+    assert reopen(runtime.engine(), stale, "ops") == reopen(runtime.engine(), stale, "ops")
+    again = reopen(runtime.engine(), stale, "ops")
+    assert not again.reopened and again.refusal is None
+    assert reopens(payment_id) == 1
+    # Its budget runs from the re-opening: the next not-sent attempt waits again instead of failing
+    assert send_payment(payment_id)[0] == SendResult.RETRY
+
+
+def test_a_payment_that_may_have_reached_upesipay_is_not_reopened(provider: Provider) -> None:
+    provider.handler = lambda _r: httpx.Response(502, text="bad gateway")
+    payment = new_payment()
+    assert send_payment(payment.id)[0] == SendResult.UNKNOWN
+    from worker.settlement import finish
+
+    assert finish(reload(payment), PaymentState.FAILED, reason="unsettled: test")
+    answer = reopen(runtime.engine(), reload(payment), "ops")
+    assert (
+        not answer.reopened and answer.refusal is not None and "may have reached UpesiPay" in answer.refusal
+    )
+    assert reload(payment).state == PaymentState.FAILED and reopens(payment.id) == 0
+
+
+def test_a_payment_not_failed_is_not_reopened(provider: Provider) -> None:
+    payment = new_payment()
+    answer = reopen(runtime.engine(), reload(payment), "ops")
+    assert answer.refusal is not None and "not FAILED" in answer.refusal
+
+
+def test_the_cli_and_the_api_reopen_or_refuse_with_the_reason(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from worker.cli.main import main
+    from worker.web.app import create_app
+
+    monkeypatch.setenv("API_KEYS", "unit-api-key-0123456789")
+    get_settings.cache_clear()
+    published: list[str] = []
+    monkeypatch.setattr("worker.dispatch.publish_payment", lambda pid, **_kw: published.append(pid) or True)
+    never = failed_never_sent(provider, "NS-CLI")
+    runner = CliRunner()
+    done = runner.invoke(main, ["retry", "NS-CLI", "--by", "alice"])
+    assert done.exit_code == 0, done.output
+    assert "re-opened NS-CLI" in done.output and published == [never]
+    # By payment id, again: the same answer, nothing queued twice
+    assert runner.invoke(main, ["retry", never]).exit_code == 0 and published == [never]
+    refused = runner.invoke(main, ["retry", "NO-SUCH"])
+    assert refused.exit_code == 1 and "no payment" in refused.output
+
+    client = TestClient(create_app())
+    headers = {"X-API-Key": "unit-api-key-0123456789"}
+    other = new_payment("API-1", phone="254712345670")
+    answer = client.post("/payments/API-1/retry", headers=headers)
+    assert answer.status_code == 409 and "not FAILED" in answer.json()["detail"]
+    assert client.post("/payments/NOPE/retry", headers=headers).status_code == 404
+    assert client.post("/payments/API-1/retry").status_code == 401
+    api_never = failed_never_sent(provider, "NS-API")
+    answer = client.post(f"/payments/{api_never}/retry", headers=headers)
+    assert answer.status_code == 200 and answer.json()["reopened"] is True
+    assert reload_id(other.id).state == PaymentState.PENDING
