@@ -36,7 +36,10 @@ def refused(stack: Stack, kind: str) -> int:
 def test_a_number_blocked_without_retry_after_is_sent_to_at_most_once_in_24_hours(
     redis_server: EmbeddedRedis,
 ) -> None:
-    scenario = {**CALM, "abuse_answer": "bare"}  # no Retry-After, no "until": only the rule's duration is known
+    scenario = {
+        **CALM,
+        "abuse_answer": "bare",
+    }  # no Retry-After, no "until": only the rule's duration is known
     with running_stack(redis_server, 16, scenario=scenario, extra_env=FAST) as stack:
         phone = new_phone()
         # Given a number UpesiPay blocked (11 failures from another channel), answering without an end
