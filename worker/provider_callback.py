@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlmodel import col
 
-from worker import metrics, runtime
+from worker import in_progress, metrics, runtime
 from worker.ledger import Payment, PaymentState, get_payment, utcnow
 from worker.phones import PhoneNumberError, normalise_phone
 from worker.settlement import ASSUMED_FAILURE, RESULT_SUCCESS, finish, state_for_result
@@ -140,6 +140,15 @@ def apply_callback(payment: Payment, callback: ProviderCallback, attempt_id: str
     """Settle the attempt (default: the payment's current one) from a callback already checked against it; True
     if this call settled it."""
     state = state_for_result(callback.result_code)
+    if callback.result_code == in_progress.RESULT_IN_PROGRESS:
+        retried = in_progress.retry_in_progress(
+            payment,
+            attempt_id,
+            result_code=callback.result_code,
+            result_desc=callback.result_desc[:DESC_MAX],
+        )
+        if retried is not None:
+            return retried
     return finish(
         payment,
         state,

@@ -58,6 +58,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.other_channels",
             "worker.provider_blocks",
             "worker.retry",
+            "worker.in_progress",
             "worker.provider_callback",
             "worker.reconcile",
             "worker.metrics",

@@ -30,6 +30,7 @@ from worker.ledger import (
     utcnow,
 )
 from worker.provider_blocks import restriction_s
+from worker.provider_callback import ProviderCallback, apply_callback
 from worker.retry import reopen
 from worker.sending import SendResult, send_payment
 from worker.settings import get_settings
@@ -235,3 +236,49 @@ def test_the_cli_and_the_api_reopen_or_refuse_with_the_reason(
     answer = client.post(f"/payments/{api_never}/retry", headers=headers)
     assert answer.status_code == 200 and answer.json()["reopened"] is True
     assert reload_id(other.id).state == PaymentState.PENDING
+
+
+# -- ResultCode 1001: another transaction in progress on the phone -----------------------------------------------
+
+
+def in_progress_callback(payment: Payment) -> ProviderCallback:
+    return ProviderCallback(
+        result_code=1001,
+        result_desc="Unable to lock subscriber, a transaction is already in process for the current subscriber",
+        checkout_request_id=payment.checkout_request_id,
+        receipt=None,
+        amount=payment.amount,
+        phone=payment.phone,
+        external_reference=payment.external_reference,
+    )
+
+
+def test_result_1001_counts_for_the_guard_and_is_retried_a_bounded_number_of_times(
+    provider: Provider,
+) -> None:
+    from worker.ledger import transition
+
+    retries = runtime.settings().in_progress_retries
+    payment = new_payment()
+    for attempt in range(1, retries + 2):
+        assert send_payment(payment.id)[0] == SendResult.ACCEPTED
+        sent = reload(payment)
+        assert apply_callback(sent, in_progress_callback(sent))
+        # A redelivered callback changes nothing more
+        assert not apply_callback(sent, in_progress_callback(sent))
+        stored = reload(payment)
+        guard = runtime.guard()
+        assert guard.account_snapshot().failures_in_window == attempt
+        assert guard.phone_snapshot(payment.phone).streak == attempt
+        if attempt <= retries:
+            # Not the payment's end: it waits IN_PROGRESS_RETRY_S, then goes out as a new attempt
+            assert stored.state == PaymentState.DEFERRED and stored.result_code == 1001
+            wait = deferred_for_s(payment.id)
+            assert (
+                runtime.settings().in_progress_retry_s - 5 <= wait <= runtime.settings().in_progress_retry_s
+            )
+            assert transition(runtime.engine(), payment.id, [PaymentState.DEFERRED], PaymentState.PENDING)
+        else:
+            assert stored.state == PaymentState.FAILED and stored.result_code == 1001
+    assert len(attempts_of(runtime.engine(), payment.id)) == retries + 1
+    assert len(provider.pushes) == retries + 1
