@@ -15,6 +15,7 @@ import pytest
 from producers import enqueue_payment
 from tests.support import pushes_for, running_stack, wait_for_state
 from worker import runtime
+from worker.attempts import attempts_of
 from worker.ledger import PaymentState, get_payment, utcnow
 from worker.local.embedded_redis import EmbeddedRedis
 from worker.local.stack import Stack
@@ -90,3 +91,18 @@ def test_a_60_second_outage_fails_no_payment_and_each_is_sent_once_after(redis_s
         for payment_id in ids:
             assert wait_for_state(payment_id, timeout_s=60).state == PaymentState.SUCCEEDED
         assert [pushes_for(stack, ref) for ref in references] == [1] * len(references)
+
+
+def test_result_1001_is_retried_as_new_attempts_then_fails(redis_server: EmbeddedRedis) -> None:
+    phone = new_phone()
+    scenario = {**CALM, "phones": {phone: "in_progress"}}
+    env = {**FAST, "IN_PROGRESS_RETRY_S": "1", "IN_PROGRESS_RETRIES": "3"}
+    with running_stack(redis_server, 18, scenario=scenario, extra_env=env) as stack:
+        payment = enqueue_payment(amount=10, phone_number=phone, external_reference="BUSY-1", expires_in=None)
+        stored = wait_for_state(payment.id, timeout_s=60)
+        # Then it was prompted 4 times (the first and 3 retries), each a failure for the guard, then FAILED
+        assert stored.state == PaymentState.FAILED and stored.result_code == 1001
+        assert pushes_for(stack, "BUSY-1") == 4
+        assert len(attempts_of(runtime.engine(), payment.id)) == 4
+        assert runtime.guard().phone_snapshot(f"254{phone[1:]}").streak == 4
+        assert int(stack.sandbox_stats()["inflight_max_per_phone"]) <= 1  # type: ignore[call-overload]
