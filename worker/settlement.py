@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from worker import batch_brake, metrics, runtime
+from worker import ambiguous, batch_brake, metrics, runtime
 from worker.attempts import end_attempt, get_attempt, revert_attempt
 from worker.dispatch import publish_payment, release_freed
 from worker.guard import GuardUnavailable
@@ -132,9 +132,10 @@ def settle_from_status(payment: Payment, status: StatusResult) -> str:
             reason="UpesiPay reports the payment failed",
         )
         return "failed" if changed else "unchanged"
-    if status.status == TransactionStatus.NOT_FOUND and payment.provider_reference is None:
-        # Every page of UpesiPay's transactions was read and none carries this reference: the request never
-        # reached UpesiPay, so sending it now cannot prompt the customer twice.
+    evidence = ambiguous.weigh(payment, status) if payment.state == PaymentState.UNKNOWN else None
+    if status.status == TransactionStatus.NOT_FOUND and evidence is not None and evidence.licensed:
+        # Enough spaced lookups after the prompt's lifetime agree UpesiPay has no such request
+        # (worker/ambiguous.py): sending it now cannot prompt the customer twice.
         if payment.guard_token is None:
             return "unchanged"
         ended = end_attempt(
@@ -145,7 +146,7 @@ def settle_from_status(payment: Payment, status: StatusResult) -> str:
             payment_to=PaymentState.PENDING,
             guard_token=None,
             queued_at=None,
-            reason="UpesiPay has no such request: sending again",
+            reason=f"UpesiPay has no such request ({evidence.why}): sending again"[:500],
         )
         if ended.attempt_ended:
             tell_guard(payment.guard_token, AttemptOutcome.RELEASED)

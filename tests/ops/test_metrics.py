@@ -35,6 +35,11 @@ def test_payments_by_state_come_from_the_ledger(seeded_web: SeededWeb) -> None:
     assert by_state == {state: float(count) for state, count in seeded_web.by_state.items()}
 
 
+def test_unknown_payments_have_a_gauge_of_their_own(seeded_web: SeededWeb) -> None:
+    samples = scrape(seeded_web.url)
+    assert one(samples, "stkpush_payments_unknown") == seeded_web.by_state["UNKNOWN"]
+
+
 def test_deferred_backlog_and_what_is_due(seeded_web: SeededWeb) -> None:
     samples = scrape(seeded_web.url)
     assert one(samples, "stkpush_deferred_backlog") == seeded_web.by_state["DEFERRED"]

@@ -31,6 +31,10 @@ FAST = {
     "CREDENTIALS_PROBE_S": "2",
     "DISPATCH_INTERVAL_S": "0.5",
     "SETTLE_POLL_S": "1",
+    # The sandbox lists every push at once: absence from its list may license a resend, after a short lifetime.
+    "UNKNOWN_RESEND_ON_LIST_ABSENCE": "true",
+    "PROMPT_LIFETIME_S": "6",
+    "UNKNOWN_LOOKUP_SPACING_S": "2",
 }
 
 

@@ -55,6 +55,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.batch_brake",
             "worker.bulk_turns",
             "worker.settlement",
+            "worker.ambiguous",
             "worker.other_channels",
             "worker.provider_blocks",
             "worker.retry",

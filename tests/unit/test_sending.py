@@ -259,6 +259,26 @@ def test_status_settlement_then_late_success_takes_back_an_assumed_failure(provi
     assert runtime.guard().account_snapshot().failures_in_window == 0
 
 
+def settle_until_resent(payment: Payment, missing: StatusResult, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Give the UNKNOWN payment the evidence a resend needs (worker/ambiguous.py): the list trusted (the looser
+    setting), the prompt's lifetime over, two lookups a spacing apart; returns the second settlement's result."""
+    from sqlalchemy import update
+
+    from worker.attempts import mark_attempt
+    from worker.ledger import UnknownLookup
+    from worker.settings import get_settings
+
+    monkeypatch.setenv("UNKNOWN_RESEND_ON_LIST_ABSENCE", "true")
+    get_settings.cache_clear()
+    current = reload(payment)
+    assert current.guard_token is not None
+    mark_attempt(runtime.engine(), current.guard_token, sent_at=utcnow() - timedelta(hours=1))
+    assert settle_from_status(current, missing) == "waiting"  # one lookup is not enough
+    with runtime.engine().begin() as connection:
+        connection.execute(update(UnknownLookup).values(asked_at=utcnow() - timedelta(minutes=30)))
+    return settle_from_status(reload(payment), missing)
+
+
 def test_unknown_with_no_trace_at_upesipay_is_sent_again(
     provider: Provider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -268,7 +288,7 @@ def test_unknown_with_no_trace_at_upesipay_is_sent_again(
     published: list[str] = []
     monkeypatch.setattr("worker.settlement.publish_payment", lambda pid, **_kw: published.append(pid) or True)
     missing = StatusResult(TransactionStatus.NOT_FOUND, None, None, None, None, "no such request", None)
-    assert settle_from_status(reload(payment), missing) == "resent"
+    assert settle_until_resent(payment, missing, monkeypatch) == "resent"
     assert reload(payment).state == PaymentState.PENDING and published == [payment.id]
     assert runtime.guard().account_snapshot().in_flight == 0
 
@@ -406,7 +426,7 @@ def test_late_callback_and_stale_pass_of_an_earlier_attempt_leave_the_current_on
     first = reload(payment)
     monkeypatch.setattr("worker.settlement.publish_payment", lambda *_a, **_kw: True)
     missing = StatusResult(TransactionStatus.NOT_FOUND, None, None, None, None, "no such request", None)
-    assert settle_from_status(first, missing) == "resent"
+    assert settle_until_resent(first, missing, monkeypatch) == "resent"
     provider.handler = accepted
     assert send_payment(payment.id) == (SendResult.ACCEPTED, None)
     current = reload(payment)

@@ -13,10 +13,12 @@ from datetime import timedelta
 import httpx
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import update
 from sqlmodel import col, func, select
 
 from tests.unit.test_sending import Handler, Provider, new_payment, provider, reload
 from worker import runtime
+from worker.ambiguous import lookups_of
 from worker.attempts import attempts_of, mark_attempt
 from worker.ledger import (
     ExternalFailure,
@@ -25,6 +27,7 @@ from worker.ledger import (
     Payment,
     PaymentReopen,
     PaymentState,
+    UnknownLookup,
     get_payment,
     session_scope,
     utcnow,
@@ -34,6 +37,8 @@ from worker.provider_callback import ProviderCallback, apply_callback
 from worker.retry import reopen
 from worker.sending import SendResult, send_payment
 from worker.settings import get_settings
+from worker.settlement import settle_from_status
+from worker.upesipay import StatusResult, TransactionStatus
 
 __all__ = ["provider"]  # the fixture of test_sending, used here
 HOUR = 3600.0
@@ -282,3 +287,99 @@ def test_result_1001_counts_for_the_guard_and_is_retried_a_bounded_number_of_tim
             assert stored.state == PaymentState.FAILED and stored.result_code == 1001
     assert len(attempts_of(runtime.engine(), payment.id)) == retries + 1
     assert len(provider.pushes) == retries + 1
+
+
+# -- ambiguous sends: resent only on strong evidence --------------------------------------------------------------
+
+MISSING = StatusResult(TransactionStatus.NOT_FOUND, None, None, None, None, "no such request", None)
+QUEUED = StatusResult(TransactionStatus.QUEUED, None, None, None, None, "queued", None)
+
+
+@pytest.fixture
+def unknown(provider: Provider, monkeypatch: pytest.MonkeyPatch) -> Payment:
+    """An UNKNOWN payment (a 502 after sending) whose attempt went out an hour ago; publishing recorded only."""
+    monkeypatch.setattr("worker.settlement.publish_payment", lambda *_a, **_kw: True)
+    provider.handler = lambda _r: httpx.Response(502, text="bad gateway")
+    payment = new_payment("AMB-1")
+    assert send_payment(payment.id)[0] == SendResult.UNKNOWN
+    age(payment, hours=1)
+    return reload(payment)
+
+
+def age(payment: Payment, **ago: float) -> None:
+    stored = reload(payment)
+    assert stored.guard_token is not None
+    mark_attempt(runtime.engine(), stored.guard_token, sent_at=utcnow() - timedelta(**ago))
+
+
+def space_out(minutes: float = 30) -> None:
+    """Move every recorded lookup back in time, as if the spacing had passed since."""
+    with session_scope(runtime.engine()) as session:
+        rows = session.exec(select(UnknownLookup)).all()
+        times = {row.id: row.asked_at for row in rows}
+    with runtime.engine().begin() as connection:
+        for row_id, asked_at in times.items():
+            connection.execute(
+                update(UnknownLookup)
+                .where(col(UnknownLookup.id) == row_id)
+                .values(asked_at=asked_at - timedelta(minutes=minutes))
+            )
+
+
+def lookups(payment: Payment) -> list[str]:
+    token = reload(payment).guard_token
+    assert token is not None
+    return [row.answer for row in lookups_of(token)]
+
+
+def trust_the_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNKNOWN_RESEND_ON_LIST_ABSENCE", "true")
+    get_settings.cache_clear()
+
+
+def test_absence_from_the_list_alone_never_resends_by_default(unknown: Payment) -> None:
+    for _ in range(4):
+        assert settle_from_status(reload(unknown), MISSING) == "waiting"
+        space_out()
+    assert reload(unknown).state == PaymentState.UNKNOWN
+    assert lookups(unknown) == ["not-found"] * 4  # the evidence is kept, it just proves nothing
+    # ... and the existing give-up rule ends it (an assumed failure a late success may take back)
+    age(unknown, seconds=runtime.settings().settle_give_up_s + 1)
+    assert settle_from_status(reload(unknown), MISSING) == "gave-up"
+
+
+def test_with_the_list_trusted_two_spaced_lookups_after_the_prompts_lifetime_resend(
+    unknown: Payment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trust_the_list(monkeypatch)
+    # A lookup while the prompt may still be live does not count
+    age(unknown, seconds=runtime.settings().prompt_lifetime_s - 30)
+    assert settle_from_status(reload(unknown), MISSING) == "waiting" and lookups(unknown) == []
+    age(unknown, hours=1)
+    # Lookups closer together than the spacing count once, however many passes ask (a crash, a second worker)
+    for _ in range(3):
+        assert settle_from_status(reload(unknown), MISSING) == "waiting"
+    assert lookups(unknown) == ["not-found"]
+    space_out()
+    assert settle_from_status(reload(unknown), MISSING) == "resent"
+    assert reload(unknown).state == PaymentState.PENDING
+
+
+def test_a_lookup_that_finds_the_request_forbids_resending(
+    unknown: Payment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trust_the_list(monkeypatch)
+    assert settle_from_status(reload(unknown), QUEUED) == "waiting"
+    for _ in range(3):
+        space_out()
+        assert settle_from_status(reload(unknown), MISSING) == "waiting"
+    assert reload(unknown).state == PaymentState.UNKNOWN and lookups(unknown)[0] == "queued"
+
+
+def test_transaction_status_by_reference_is_evidence_by_default(unknown: Payment) -> None:
+    from worker.ledger import mark
+
+    mark(runtime.engine(), unknown.id, provider_reference="E8UWT7CLUW")
+    assert settle_from_status(reload(unknown), MISSING) == "waiting"
+    space_out()
+    assert settle_from_status(reload(unknown), MISSING) == "resent"

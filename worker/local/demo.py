@@ -62,6 +62,13 @@ def faults_scenario(seed: int = 7) -> dict[str, Any]:
 
 
 SCENARIOS = {"mixed": mixed_scenario, "faults": faults_scenario}
+# The sandbox lists every push at once (list_lag_s 0), so the demo may trust absence from its transactions list
+# after a short prompt lifetime; against UpesiPay the defaults keep such a payment UNKNOWN (worker/ambiguous.py).
+SANDBOX_EVIDENCE_ENV = {
+    "UNKNOWN_RESEND_ON_LIST_ABSENCE": "true",
+    "PROMPT_LIFETIME_S": "10",
+    "UNKNOWN_LOOKUP_SPACING_S": "3",
+}
 
 
 def sample_phone(scenario: str, index: int) -> str:
@@ -114,7 +121,11 @@ def run_demo(
     environment = DemoEnvironment()
     scenario_json = json.dumps(SCENARIOS[scenario]())
     with Stack(
-        redis_url=environment.redis_url, scenario=scenario_json, workers=workers, log_to=log_dir
+        redis_url=environment.redis_url,
+        scenario=scenario_json,
+        workers=workers,
+        log_to=log_dir,
+        extra_env=dict(SANDBOX_EVIDENCE_ENV),
     ) as stack:
         say(
             f"stack up in {time.monotonic() - started:.1f}s: sandbox {stack.sandbox_url}, web {stack.web_url}, "

@@ -343,6 +343,11 @@ function render(d) {
     restrictions.push(el("p", text, "alert"));
   }
   if (!g.available) restrictions.push(el("p", "Unknown: the guard cannot be read, so nothing is being sent", "alert"));
+  if (d.payments.UNKNOWN) {
+    const text = d.payments.UNKNOWN + " payments UNKNOWN: their send may have reached UpesiPay; they are never " +
+      "resent without proof (see the runbook)";
+    restrictions.push(el("p", text, "alert unknown-payments"));
+  }
   const oc = d.other_channels;
   set("other-channels", oc.enabled ? oc.failures_in_window : "not read");
   if (oc.enabled && oc.readable === false) {

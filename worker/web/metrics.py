@@ -64,6 +64,12 @@ class StkpushCollector(Collector):
         for state in PaymentState:
             payments.add_metric([state.value], counts.get(state.value, 0))
         yield payments
+        # Ambiguous sends waiting for strong evidence (worker/ambiguous.py): an operator may need to look.
+        yield _gauge(
+            "stkpush_payments_unknown",
+            "Payments whose send may or may not have reached UpesiPay (UNKNOWN): never resent blindly.",
+            counts.get(PaymentState.UNKNOWN.value, 0),
+        )
         now = utcnow()
         with session_scope(engine) as session:
             due, oldest = session.exec(
