@@ -106,3 +106,42 @@ def test_result_1001_is_retried_as_new_attempts_then_fails(redis_server: Embedde
         assert len(attempts_of(runtime.engine(), payment.id)) == 4
         assert runtime.guard().phone_snapshot(f"254{phone[1:]}").streak == 4
         assert int(stack.sandbox_stats()["inflight_max_per_phone"]) <= 1  # type: ignore[call-overload]
+
+
+@pytest.mark.slow
+def test_with_a_30_second_list_lag_and_10_percent_ambiguous_sends_no_reference_is_pushed_twice(
+    redis_server: EmbeddedRedis,
+) -> None:
+    # The looser reading (the list trusted) is the one that could go wrong: the evidence rule must still wait
+    # out a list that lags. The sandbox hides every push from its list for 30 s; a tenth of sends answer a 5xx
+    # (half after recording the push, half before).
+    scenario = {
+        **CALM,
+        "seed": 21,
+        "list_lag_s": 30,
+        "faults": {"error_5xx_rate": 0.1, "endpoints": ["payments"]},
+    }
+    env = {
+        **FAST,
+        "SETTLE_UNKNOWN_AFTER_S": "2",
+        "UNKNOWN_RESEND_ON_LIST_ABSENCE": "true",
+        "PROMPT_LIFETIME_S": "35",
+        "UNKNOWN_LOOKUP_SPACING_S": "5",
+    }
+    with running_stack(redis_server, 19, scenario=scenario, extra_env=env) as stack:
+        references = [f"LAG-{index}" for index in range(40)]
+        ids = [
+            enqueue_payment(amount=10, phone_number=new_phone(), external_reference=ref, expires_in=None).id
+            for ref in references
+        ]
+        settled = [wait_for_state(payment_id, timeout_s=120) for payment_id in ids]
+        faults: Any = stack.sandbox_stats()["faults"]
+        recorded, unrecorded = (
+            faults.get("error_500", 0),
+            faults.get("error_502", 0) + faults.get("error_503", 0),
+        )
+        assert recorded >= 1 and unrecorded >= 1, faults  # both kinds of ambiguous send happened
+        by_reference: Any = stack.sandbox_stats()["pushes_by_reference"]
+        assert sum(1 for count in by_reference.values() if count > 1) == 0
+        assert all(payment.state == PaymentState.SUCCEEDED for payment in settled)
+        assert [pushes_for(stack, ref) for ref in references] == [1] * len(references)
