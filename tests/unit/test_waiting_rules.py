@@ -383,3 +383,16 @@ def test_transaction_status_by_reference_is_evidence_by_default(unknown: Payment
     assert settle_from_status(reload(unknown), MISSING) == "waiting"
     space_out()
     assert settle_from_status(reload(unknown), MISSING) == "resent"
+
+
+def test_the_waiting_settings_refuse_looser_than_the_rules_allow() -> None:
+    from tests.unit.test_guard_hold import REQUIRED
+    from worker.settings import SettingsError, load_settings
+
+    defaults = load_settings(**REQUIRED)
+    assert (defaults.provider_block_wait_s, defaults.unknown_resend_on_list_absence) == (0, False)
+    assert defaults.prompt_lifetime_s > 120 and defaults.unknown_lookups == 2
+    assert defaults.send_retry_for_s == 3 * 3600
+    for field, value in (("unknown_lookups", 1), ("prompt_lifetime_s", 0), ("in_progress_retries", -1)):
+        with pytest.raises(SettingsError, match=field.upper()):
+            load_settings(**REQUIRED, **{field: value})
