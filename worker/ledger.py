@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Index, UniqueConstraint, event, update
+from sqlalchemy import Connection, Engine, Index, UniqueConstraint, event, false, update
 from sqlalchemy import select as table_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -144,6 +144,9 @@ class SendAttempt(SQLModel, table=True):
     outcome: AttemptOutcome | None = Field(default=None, max_length=16, index=True)
     outcome_at: datetime | None = Field(default=None, index=True)
     guard_resolved_at: datetime | None = Field(default=None, index=True)
+    # The send provably never reached UpesiPay (connection refused, DNS, a 502/503 page): SEND_RETRY_FOR_S runs
+    # from the first of a payment's trailing run of these (worker/retry.py).
+    not_sent: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class GuardBlockKind(StrEnum):

@@ -52,16 +52,22 @@ def last_reopen(engine: Engine, payment_id: str) -> PaymentReopen | None:
         ).first()
 
 
-def send_budget_start(engine: Engine, payment_id: str) -> datetime:
-    """When the payment's current send budget began: its first attempt claimed since it was last re-opened
-    (or ever). Derived from the ledger alone, so a crash or a redelivery never restarts it."""
+def send_budget_start(engine: Engine, payment_id: str, current: str) -> datetime:
+    """When the payment's current send budget began: the first of its trailing run of attempts that never reached
+    UpesiPay (`current` is the attempt being ended as not sent), since it was last re-opened. Any other attempt
+    (sent, refused by the guard, rate limited) ends the run, so time spent waiting on the guard never counts
+    against the budget. Derived from the ledger alone: a crash or a redelivery never restarts it."""
     reopened = last_reopen(engine, payment_id)
     since = _aware(reopened.reopened_at) if reopened is not None else None
-    for attempt in attempts_of(engine, payment_id):
+    start = utcnow()
+    for attempt in reversed(attempts_of(engine, payment_id)):
         claimed = _aware(attempt.created_at)
-        if since is None or claimed >= since:
-            return claimed
-    return since or utcnow()
+        if since is not None and claimed < since:
+            break
+        if attempt.id != current and not attempt.not_sent:
+            break
+        start = min(start, claimed)
+    return start
 
 
 def never_sent_reason(engine: Engine, payment: Payment) -> str | None:

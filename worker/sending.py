@@ -253,7 +253,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             # of this run (worker.retry), however many attempts an outage takes; the deadline still wins.
             attempts = payment.attempts + 1
             budget_s = runtime.settings().send_retry_for_s
-            started = retry.send_budget_start(engine, payment.id)
+            started = retry.send_budget_start(engine, payment.id, token)
             if utcnow() - started >= timedelta(seconds=budget_s):
                 if end_attempt(
                     engine,
@@ -261,6 +261,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                     AttemptOutcome.RELEASED,
                     payment_from=[PaymentState.SENDING],
                     payment_to=PaymentState.FAILED,
+                    attempt_fields={"not_sent": True},
                     attempts=attempts,
                     reason=f"{retry.NEVER_SENT} UpesiPay unreachable for {budget_s}s ({attempts} attempts): "
                     f"{result.detail}"[:500],
@@ -280,6 +281,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                 AttemptOutcome.RELEASED,
                 payment_from=[PaymentState.SENDING],
                 payment_to=PaymentState.PENDING,
+                attempt_fields={"not_sent": True},
                 attempts=attempts,
                 guard_token=None,
                 reason=f"not sent ({result.detail}); retry {attempts} in {countdown:.1f}s"[:500],

@@ -1,5 +1,5 @@
-"""Re-openings of payments never sent (`stkpush retry`) and the lookups that may license resending an ambiguous
-send (issue 11).
+"""Re-openings of payments never sent (`stkpush retry`), the lookups that may license resending an ambiguous send,
+and which send attempts never reached UpesiPay (issue 11).
 
 Revision ID: 0008_waiting_rules
 Revises: 0007
@@ -21,6 +21,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # Existing attempts are not marked: a payment mid-outage at upgrade time gets its budget from its next attempt.
+    with op.batch_alter_table("send_attempt") as batch:
+        batch.add_column(sa.Column("not_sent", sa.Boolean(), nullable=False, server_default=sa.false()))
     # New tables: no existing rows to carry over.
     op.create_table(
         "payment_reopen",
@@ -51,3 +54,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("unknown_lookup")
     op.drop_table("payment_reopen")
+    with op.batch_alter_table("send_attempt") as batch:
+        batch.drop_column("not_sent")

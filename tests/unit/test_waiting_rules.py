@@ -396,3 +396,30 @@ def test_the_waiting_settings_refuse_looser_than_the_rules_allow() -> None:
     for field, value in (("unknown_lookups", 1), ("prompt_lifetime_s", 0), ("in_progress_retries", -1)):
         with pytest.raises(SettingsError, match=field.upper()):
             load_settings(**REQUIRED, **{field: value})
+
+
+def test_time_spent_waiting_on_the_guard_does_not_count_against_the_never_sent_budget(
+    provider: Provider,
+) -> None:
+    from worker.ledger import transition
+
+    # Given a payment the guard kept waiting for hours (another prompt in flight on the number)
+    busy = new_payment("BUSY-A")
+    assert send_payment(busy.id)[0] == SendResult.ACCEPTED
+    waiting = new_payment("BUSY-B")
+    assert send_payment(waiting.id)[0] == SendResult.DEFERRED
+    (refused,) = attempts_of(runtime.engine(), waiting.id)
+    hours_ago = refused.created_at - timedelta(seconds=runtime.settings().send_retry_for_s + 3600)
+    mark_attempt(runtime.engine(), refused.id, created_at=hours_ago)
+    # When it is finally admitted and UpesiPay can't be reached
+    from worker.settlement import finish
+
+    assert finish(reload(busy), PaymentState.SUCCEEDED, receipt="R1")
+    # (the success released it at once; else the dispatcher would when due)
+    transition(runtime.engine(), waiting.id, [PaymentState.DEFERRED], PaymentState.PENDING)
+    assert reload(waiting).state == PaymentState.PENDING
+    provider.handler = refuse
+    # Then it retries: its budget starts with its first attempt that did not reach UpesiPay
+    assert send_payment(waiting.id)[0] == SendResult.RETRY
+    assert reload(waiting).state == PaymentState.PENDING
+    assert [a.not_sent for a in attempts_of(runtime.engine(), waiting.id)] == [False, True]
