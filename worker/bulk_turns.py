@@ -16,7 +16,7 @@ from datetime import timedelta
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from worker import runtime
+from worker import bulk_order, runtime
 from worker.ledger import Batch, Payment, PaymentState, session_scope, utcnow
 
 # Batches older than this are not looked at for turns: a batch still sending after a month is served by its own
@@ -62,14 +62,17 @@ def candidates(payment: Payment) -> list[str]:
         if not waiting:
             return own
         target = payment.batch_id if mine is not None and mine <= min(waiting)[0] else min(waiting)[2]
-        if target == payment.batch_id and payment.state == PaymentState.PENDING:
+        order = bulk_order.current()
+        if target == payment.batch_id and payment.state == PaymentState.PENDING and not order.by_score:
             return own
-        # Another batch's turn, or this message's own row is gone (taken by another batch's turn): the batch's
-        # oldest waiting row goes out instead.
+        # Another batch's turn, or this message's own row is gone (taken by another batch's turn), or the order is
+        # by score: the batch's first waiting row in the bulk order (worker/bulk_order.py) goes out instead.
         oldest = session.exec(
             select(Payment.id)
             .where(col(Payment.batch_id) == target, col(Payment.state) == PaymentState.PENDING)
-            .order_by(col(Payment.created_at))
+            .order_by(*order.pending())
             .limit(1)
         ).first()
-    return [oldest, payment.id] if oldest is not None else own
+    if oldest is None or oldest == payment.id:
+        return own
+    return [oldest, payment.id]

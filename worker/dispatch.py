@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import case, func
 from sqlmodel import col, select
 
-from worker import runtime
+from worker import bulk_order, runtime
 from worker.guard import AccountSnapshot, RefusalReason
 from worker.ledger import WAITING_STATES, Payment, PaymentState, mark, session_scope, transition, utcnow
 
@@ -150,7 +150,7 @@ def _bulk_turns(condition: Any, room: int) -> list[str]:
                     .where(
                         col(Payment.batch_id).is_(None) if batch is None else col(Payment.batch_id) == batch
                     )
-                    .order_by(col(Payment.next_attempt_at), col(Payment.created_at))
+                    .order_by(*bulk_order.current().waiting())
                     .limit(share)
                 ).all()
     return ids

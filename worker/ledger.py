@@ -103,6 +103,9 @@ class Payment(SQLModel, table=True):
     # Callbacks that came before UpesiPay's 201 was recorded, as a JSON list; applied (or dropped) once the
     # CheckoutRequestID is known. See worker.provider_callback.
     held_callbacks: str | None = Field(default=None, max_length=4096)
+    # Batch rows: the number's expected chance to pay, from its history on this account when the row was recorded
+    # (worker/scoring.py; docs/batches.md "Release order"). The bulk lane's order under BULK_ORDER=score.
+    score: float | None = None
 
     created_at: datetime = Field(default_factory=utcnow, index=True)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -197,6 +200,10 @@ class Batch(SQLModel, table=True):
     pause_reason: str | None = Field(default=None, max_length=500)
     # Outcomes before this are not held against the batch again after a resume.
     resumed_at: datetime | None = None
+    # Opt-in re-prompts (worker/reprompts.py): a row whose prompt was cancelled or not answered gets up to
+    # reprompt_max further prompts, each at least reprompt_after_s after the previous one ended. 0: never twice.
+    reprompt_max: int = 0
+    reprompt_after_s: int | None = None
 
 
 class PhoneRelease(SQLModel, table=True):

@@ -1,0 +1,52 @@
+"""The bulk lane's release order, as one policy object (`BULK_ORDER`, docs/batches.md "Release order").
+
+Within a batch's turn (worker.bulk_turns, worker.dispatch._bulk_turns: which batch goes next is unchanged), the
+waiting rows go out
+- `score`: likeliest payer first (Payment.score, worker/scoring.py; a row without a score counts as a number
+  without history), ties oldest first;
+- `fifo`: in the order they became due, then oldest first (the order before issue 13).
+The order decides only which admissible row is asked for next: the guard still admits or refuses every send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import func
+from sqlmodel import col
+
+from worker import runtime
+from worker.ledger import Payment
+from worker.scoring import NO_HISTORY
+
+__all__ = ["BulkOrder", "current"]
+
+
+@dataclass(frozen=True, slots=True)
+class BulkOrder:
+    name: Literal["fifo", "score"]
+
+    def waiting(self) -> tuple[Any, ...]:
+        """ORDER BY for waiting (DEFERRED, due) rows of one batch."""
+        if self.name == "score":
+            return (
+                func.coalesce(col(Payment.score), NO_HISTORY).desc(),
+                col(Payment.created_at),
+                col(Payment.id),
+            )
+        return (col(Payment.next_attempt_at), col(Payment.created_at))
+
+    def pending(self) -> tuple[Any, ...]:
+        """ORDER BY for PENDING rows of one batch (a bulk message's turn)."""
+        if self.name == "score":
+            return self.waiting()
+        return (col(Payment.created_at),)
+
+    @property
+    def by_score(self) -> bool:
+        return self.name == "score"
+
+
+def current() -> BulkOrder:
+    return BulkOrder(runtime.settings().bulk_order)
