@@ -6,7 +6,8 @@
 What runs, for each policy from a fresh ledger and Redis: the local stack (embedded Redis, the sandbox, web, two
 workers, beat; worker/local/stack.py) with time scaled down: ACCOUNT_WINDOW_S and the sandbox's failure window
 both `--window` seconds, its callback delay `--callback-delay`; the limits are UpesiPay's (50 failures per window,
-streak 10) and the interactive reserve (10) and bulk cap (20) are the defaults.
+streak 10) and the interactive reserve (10) and bulk cap (20) are the defaults; the batch brake
+(BATCH_PAUSE_OUTCOMES) is off, since it would pause either batch on a run of failures and this measures the order.
 
 The population is fixed by `--seed`: 1,000 customers, 50% reliable (a prompt succeeds with p = 0.95, else
 cancelled), 20% occasional (0.5, else not answered), 15% unreachable (0.02, else not answered), 15% decliners (0.1,
@@ -166,6 +167,9 @@ def run_policy(
             "ACCOUNT_WINDOW_S": str(args.window),
             "SETTLE_AFTER_S": str(max(5, int(args.callback_delay * 10))),
             "OTHER_CHANNELS_POLL_S": "0",
+            # The batch brake off: it pauses a batch whose recent outcomes fail far more than the account's, which
+            # a random run of FIFO failures (or the tail of a scored batch) trips; this measures the order alone.
+            "BATCH_PAUSE_OUTCOMES": "0",
         },
         log_to=workdir / policy,
         workers=2,
