@@ -2,8 +2,8 @@
 
 Within a batch's turn (worker.bulk_turns, worker.dispatch._bulk_turns: which batch goes next is unchanged), the
 waiting rows go out
-- `score`: likeliest payer first (Payment.score, worker/scoring.py; a row without a score counts as a number
-  without history), ties oldest first;
+- `score`: likeliest payer first (Payment.score, worker/scoring.py; every batch row has one: ingestion sets it and
+  the migration gave rows of older batches the score of a number without history), ties oldest first;
 - `fifo`: in the order they became due, then oldest first (the order before issue 13).
 The order decides only which admissible row is asked for next: the guard still admits or refuses every send.
 """
@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import func
 from sqlmodel import col
 
 from worker import runtime
 from worker.ledger import Payment
-from worker.scoring import NO_HISTORY
 
 __all__ = ["BulkOrder", "current"]
 
@@ -30,11 +28,8 @@ class BulkOrder:
     def waiting(self) -> tuple[Any, ...]:
         """ORDER BY for waiting (DEFERRED, due) rows of one batch."""
         if self.name == "score":
-            return (
-                func.coalesce(col(Payment.score), NO_HISTORY).desc(),
-                col(Payment.created_at),
-                col(Payment.id),
-            )
+            # ix_payment_batch_order gives the scores in order; only rows of one score are sorted by age.
+            return (col(Payment.score).desc(), col(Payment.created_at))
         return (col(Payment.next_attempt_at), col(Payment.created_at))
 
     def pending(self) -> tuple[Any, ...]:

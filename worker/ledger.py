@@ -69,6 +69,8 @@ class Payment(SQLModel, table=True):
         UniqueConstraint("account", "external_reference", name="uq_payment_account_reference"),
         # A batch's rows by state: the bulk lane's turns and a batch's brake count these on every batch send.
         Index("ix_payment_batch_state", "batch_id", "state"),
+        # The bulk order (worker/bulk_order.py): a batch's next rows by score come off this index; only a tie is sorted.
+        Index("ix_payment_batch_order", "batch_id", "state", "score"),
     )
 
     id: str = Field(default_factory=new_payment_id, primary_key=True, max_length=32)

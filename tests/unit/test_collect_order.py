@@ -130,7 +130,7 @@ def test_the_dispatcher_releases_the_best_scored_due_rows_first_under_score_only
     monkeypatch.setenv("BULK_ORDER", policy)
     get_settings.cache_clear()
     batch_id = new_batch()
-    scores = [0.2, 0.9, None, -0.5, 0.7]
+    scores = [0.2, 0.9, scoring.NO_HISTORY, -0.5, 0.7]
     rows = [batch_row(batch_id, n, score) for n, score in enumerate(scores)]
     due = utcnow() - timedelta(seconds=1)
     for n, row in enumerate(rows):
@@ -144,7 +144,7 @@ def test_the_dispatcher_releases_the_best_scored_due_rows_first_under_score_only
     condition = (col(Payment.state) == PaymentState.DEFERRED) & (col(Payment.next_attempt_at) <= utcnow())
     picked = dispatch._bulk_turns(condition, 3)
     if policy == "score":
-        assert picked == [rows[1].id, rows[4].id, rows[2].id]  # 0.9, 0.7, then no score (0.5) before 0.2
+        assert picked == [rows[1].id, rows[4].id, rows[2].id]  # 0.9, 0.7, then no history (0.5) before 0.2
     else:
         assert picked == [rows[0].id, rows[1].id, rows[2].id]
     assert bulk_order.current().name == policy
