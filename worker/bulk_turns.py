@@ -24,6 +24,8 @@ from worker.ledger import Batch, Payment, PaymentState, session_scope, utcnow
 ACTIVE_BATCH_DAYS = 30
 # At most this many batches are compared per turn (the oldest first, so an old batch is never starved).
 BATCHES_COMPARED = 50
+# Under BULK_ORDER=score, a message tries up to this many of its batch's best waiting rows before its own.
+SCORE_CANDIDATES = 8
 # States whose sends are (or may be) in flight: a batch's share of the bulk lane is counted in these.
 IN_FLIGHT_STATES = (PaymentState.SENDING, PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
 
@@ -66,13 +68,16 @@ def candidates(payment: Payment) -> list[str]:
         if target == payment.batch_id and payment.state == PaymentState.PENDING and not order.by_score:
             return own
         # Another batch's turn, or this message's own row is gone (taken by another batch's turn), or the order is
-        # by score: the batch's first waiting row in the bulk order (worker/bulk_order.py) goes out instead.
-        oldest = session.exec(
+        # by score: the batch's first waiting rows in the bulk order (worker/bulk_order.py) go out instead. Under
+        # score, the next few too: workers racing for the best row must fall back on the next best, not on their
+        # own message's row (which may be the batch's worst).
+        first = session.exec(
             select(Payment.id)
             .where(col(Payment.batch_id) == target, col(Payment.state) == PaymentState.PENDING)
             .order_by(*order.pending())
-            .limit(1)
-        ).first()
-    if oldest is None or oldest == payment.id:
-        return own
-    return [oldest, payment.id]
+            .limit(SCORE_CANDIDATES if order.by_score else 1)
+        ).all()
+    best = [row_id for row_id in first if row_id != payment.id]
+    if payment.id in first[:1]:
+        return own + best
+    return [*best, payment.id] if best else own
