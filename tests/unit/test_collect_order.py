@@ -5,6 +5,7 @@ UpesiPay behind httpx's MockTransport)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlmodel import col, select
@@ -290,3 +291,27 @@ def test_the_budget_frees_when_the_oldest_failure_leaves_the_window(provider: Pr
     assert len(series) == 73 and series[-1]["failures"] == 2 and series[0]["failures"] == 0
     with session_scope(runtime.engine()) as session:
         assert len(session.exec(select(SendAttempt)).all()) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--reprompt", "9", "--reprompt-after", "4h"], "--reprompt:"),
+        (["--reprompt", "2"], "--reprompt-after:"),
+        (["--reprompt", "1", "--reprompt-after", "soon"], "--reprompt-after:"),
+    ],
+)
+def test_stkpush_batch_refuses_bad_reprompt_options_naming_them_and_records_nothing(
+    provider: Provider, tmp_path: Path, options: list[str], named: str
+) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli.main import main
+
+    batch_file = tmp_path / "invoices.csv"
+    batch_file.write_text("external_reference,phone_number,amount\nINV-1,0712345678,10\n")
+    result = CliRunner().invoke(main, ["batch", str(batch_file), *options])
+    assert result.exit_code == 2
+    assert named in result.output
+    with session_scope(runtime.engine()) as session:
+        assert session.exec(select(Batch)).all() == [] and session.exec(select(Payment)).all() == []
