@@ -19,8 +19,8 @@ prompt succeeds.
 
 Printed per policy: payments collected within the first window (from the batch's first prompt), that figure
 divided by the oracle bound, failures used, the sandbox's rule triggers (must be 0); then score / fifo; and for
-each run the batch's forecast finish made once 10% of its rows had ended, against the actual finish (the run goes
-on until the batch finishes or `--finish-s` more seconds have passed after the first window).
+each run the batch's forecast finish made once 10% of its rows had been prompted, against the actual finish (the
+run goes on until the batch finishes or `--finish-s` more seconds have passed after the first window).
 Targets (issue 13): score >= 0.75 of the oracle bound, >= 4x fifo, 0 triggers.
 """
 
@@ -207,7 +207,12 @@ def run_policy(
                         col(Payment.batch_id) == batch_id, col(Payment.state).in_(terminal)
                     )
                 ).scalar_one()
-            if forecast_at_10 is None and ended >= total / 10:
+                prompted = connection.execute(
+                    select(func.count(func.distinct(col(SendAttempt.payment_id))))
+                    .join(Payment, col(Payment.id) == col(SendAttempt.payment_id))
+                    .where(col(Payment.batch_id) == batch_id, col(SendAttempt.sent_at).is_not(None))
+                ).scalar_one()
+            if forecast_at_10 is None and prompted >= total / 10:
                 eta = forecast.batch_forecast(engine, batch_id, settings)
                 forecast_made = utcnow()
                 forecast_at_10 = eta.finish_at if eta is not None else None
@@ -295,7 +300,7 @@ def main() -> int:
             f"rule triggers {result['triggers']}"
         )
         print(
-            f"       forecast made at 10% of rows ({_relative(result['forecast_made'], start)}): finish "
+            f"       forecast at 10% of rows prompted ({_relative(result['forecast_made'], start)}): finish "
             f"{_relative(result['forecast_finish'], start)}; actual finish "
             f"{_relative(result['finished'], start) if result['finished'] else 'not reached in the run'}"
             f" ({result['left']} rows left at the end)"

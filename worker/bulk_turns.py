@@ -14,10 +14,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from worker import bulk_order, runtime
-from worker.ledger import Batch, Payment, PaymentState, session_scope, utcnow
+from worker.dispatch import guard_refusal_reason
+from worker.guard import RefusalReason
+from worker.ledger import Batch, Payment, PaymentState, session_scope, transition, utcnow
 
 # Batches older than this are not looked at for turns: a batch still sending after a month is served by its own
 # messages (and a bound keeps the lookup short).
@@ -77,7 +79,53 @@ def candidates(payment: Payment) -> list[str]:
             .order_by(*order.pending())
             .limit(SCORE_CANDIDATES if order.by_score else 1)
         ).all()
+        better = _better_waiting(session, target, first[0] if first else None) if order.by_score else None
+    if better is not None and _swap_in(payment, better):
+        return [better, *[row_id for row_id in first if row_id != payment.id]]
     best = [row_id for row_id in first if row_id != payment.id]
     if payment.id in first[:1]:
         return own + best
     return [*best, payment.id] if best else own
+
+
+# Rows deferred only because the bulk lane or the budget was full: their due time is a retry hint, not a rule.
+_LANE_WAITS = (RefusalReason.BULK_LANE_FULL, RefusalReason.ACCOUNT_BUDGET)
+
+
+def _better_waiting(session: Session, batch_id: str, best_pending: str | None) -> str | None:
+    """Under BULK_ORDER=score: the batch's best row deferred only for the lane or the budget, when it scores above
+    its best PENDING row (a row refused while the lane was full must not lose its place to worse rows that merely
+    kept their messages)."""
+    reasons = [guard_refusal_reason(reason) for reason in _LANE_WAITS]
+    row = session.exec(
+        select(Payment.id, Payment.score)
+        .where(col(Payment.batch_id) == batch_id, col(Payment.state) == PaymentState.DEFERRED)
+        .where(col(Payment.reason).in_(reasons))
+        .order_by(*bulk_order.current().waiting())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    if best_pending is not None:
+        pending_score = session.exec(select(Payment.score).where(col(Payment.id) == best_pending)).first()
+        if pending_score is not None and (row[1] is None or row[1] <= pending_score):
+            return None
+    return str(row[0])
+
+
+def _swap_in(payment: Payment, better: str) -> bool:
+    """The better deferred row takes this message (DEFERRED -> PENDING); this message's own row, if still PENDING,
+    waits in its place (PENDING -> DEFERRED, due at once, for the dispatcher), so every PENDING row keeps a
+    message. Each step is a conditional transition: a crash between them leaves a DEFERRED row (released by the
+    dispatcher) or a PENDING row without a message (queued again by `requeue_stale_pending`), never a lost one."""
+    engine = runtime.engine()
+    reason = guard_refusal_reason(RefusalReason.BULK_LANE_FULL)
+    transition(
+        engine,
+        payment.id,
+        [PaymentState.PENDING],
+        PaymentState.DEFERRED,
+        reason=reason,
+        next_attempt_at=utcnow(),
+    )
+    return transition(engine, better, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=utcnow())
