@@ -17,7 +17,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from worker import bulk_order, runtime
-from worker.dispatch import guard_refusal_reason
+from worker.dispatch import guard_refusal_reason, publish_payment
 from worker.guard import RefusalReason
 from worker.ledger import Batch, Payment, PaymentState, session_scope, transition, utcnow
 
@@ -114,10 +114,11 @@ def _better_waiting(session: Session, batch_id: str, best_pending: str | None) -
 
 
 def _swap_in(payment: Payment, better: str) -> bool:
-    """The better deferred row takes this message (DEFERRED -> PENDING); this message's own row, if still PENDING,
-    waits in its place (PENDING -> DEFERRED, due at once, for the dispatcher), so every PENDING row keeps a
-    message. Each step is a conditional transition: a crash between them leaves a DEFERRED row (released by the
-    dispatcher) or a PENDING row without a message (queued again by `requeue_stale_pending`), never a lost one."""
+    """The better deferred row goes back to PENDING with a message of its own, and this message's own row, if still
+    PENDING, waits in its place (PENDING -> DEFERRED, due at once, for the dispatcher). This message then tries the
+    better row first; whoever claims it, no PENDING row is left without a message (a spare message finds nothing
+    to claim, which is harmless). Each step is a conditional transition: a crash between them leaves a DEFERRED
+    row (released by the dispatcher) or a PENDING row not yet queued (queued by `requeue_stale_pending`)."""
     engine = runtime.engine()
     reason = guard_refusal_reason(RefusalReason.BULK_LANE_FULL)
     transition(
@@ -128,4 +129,7 @@ def _swap_in(payment: Payment, better: str) -> bool:
         reason=reason,
         next_attempt_at=utcnow(),
     )
-    return transition(engine, better, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=utcnow())
+    moved = transition(engine, better, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None)
+    if moved:
+        publish_payment(better, queue="bulk")
+    return moved
