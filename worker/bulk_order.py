@@ -16,7 +16,8 @@ from typing import Any, Literal
 from sqlmodel import col
 
 from worker import runtime
-from worker.ledger import Payment
+from worker.guard import RefusalReason
+from worker.ledger import Payment, PaymentState
 
 __all__ = ["BulkOrder", "current"]
 
@@ -37,6 +38,18 @@ class BulkOrder:
         if self.name == "score":
             return self.waiting()
         return (col(Payment.created_at),)
+
+    def releasable(self, due: Any) -> Any:
+        """Which DEFERRED batch rows the dispatcher may release now: the due ones, and under `score` also those
+        waiting only for the bulk lane or the budget (their due time is a retry hint; the dispatcher releases only
+        within the lane's headroom, so a better row is not overtaken by a worse one that happens to be due)."""
+        if not self.by_score:
+            return due
+        reasons = [
+            f"guard: {reason.value}"
+            for reason in (RefusalReason.BULK_LANE_FULL, RefusalReason.ACCOUNT_BUDGET)
+        ]
+        return due | ((col(Payment.state) == PaymentState.DEFERRED) & col(Payment.reason).in_(reasons))
 
     @property
     def by_score(self) -> bool:

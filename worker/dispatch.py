@@ -102,7 +102,8 @@ def release_deferred() -> int:
     released = sum(_release(payment_id, "single") for payment_id in singles)
     # Each single payment just released will hold a reservation the bulk lane counts too.
     bulk_room = min(snapshot.bulk_headroom - len(singles), TICK_LIMIT)
-    released += sum(_release(payment_id, "bulk") for payment_id in _bulk_turns(due, bulk_room))
+    releasable = bulk_order.current().releasable(due)
+    released += sum(_release(payment_id, "bulk") for payment_id in _bulk_turns(releasable, bulk_room))
     if released:
         log.info(
             "released %d deferred payments (headroom %d, bulk %d)",
