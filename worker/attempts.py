@@ -33,6 +33,7 @@ from worker.ledger import (
     utcnow,
 )
 from worker.logs import log_state_change
+from worker.reprompts import reprompt_values
 
 __all__ = [
     "AttemptEnd",
@@ -129,6 +130,11 @@ def end_attempt(
         moved = 0
         if payment_to is not None:
             values: dict[str, Any] = {"state": payment_to, "updated_at": now, **payment_fields}
+            # A batch with re-prompts asks a cancelled or unanswered prompt again instead (worker/reprompts.py).
+            again = reprompt_values(connection, payment_id, payment_to, outcome, now, payment_fields)
+            if again is not None:
+                values.update(again)
+                payment_to = PaymentState.DEFERRED
             if payment_to in TERMINAL_STATES and "settled_at" not in payment_fields:
                 values["settled_at"] = now
             moved = connection.execute(

@@ -14,16 +14,20 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
-from worker import runtime
-from worker.ledger import Batch, Payment, PaymentState, session_scope, utcnow
+from worker import bulk_order, runtime
+from worker.dispatch import guard_refusal_reason, publish_payment
+from worker.guard import RefusalReason
+from worker.ledger import Batch, Payment, PaymentState, session_scope, transition, utcnow
 
 # Batches older than this are not looked at for turns: a batch still sending after a month is served by its own
 # messages (and a bound keeps the lookup short).
 ACTIVE_BATCH_DAYS = 30
 # At most this many batches are compared per turn (the oldest first, so an old batch is never starved).
 BATCHES_COMPARED = 50
+# Under BULK_ORDER=score, a message tries up to this many of its batch's best waiting rows before its own.
+SCORE_CANDIDATES = 8
 # States whose sends are (or may be) in flight: a batch's share of the bulk lane is counted in these.
 IN_FLIGHT_STATES = (PaymentState.SENDING, PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
 
@@ -62,14 +66,70 @@ def candidates(payment: Payment) -> list[str]:
         if not waiting:
             return own
         target = payment.batch_id if mine is not None and mine <= min(waiting)[0] else min(waiting)[2]
-        if target == payment.batch_id and payment.state == PaymentState.PENDING:
+        order = bulk_order.current()
+        if target == payment.batch_id and payment.state == PaymentState.PENDING and not order.by_score:
             return own
-        # Another batch's turn, or this message's own row is gone (taken by another batch's turn): the batch's
-        # oldest waiting row goes out instead.
-        oldest = session.exec(
+        # Another batch's turn, or this message's own row is gone (taken by another batch's turn), or the order is
+        # by score: the batch's first waiting rows in the bulk order (worker/bulk_order.py) go out instead. Under
+        # score, the next few too: workers racing for the best row must fall back on the next best, not on their
+        # own message's row (which may be the batch's worst).
+        first = session.exec(
             select(Payment.id)
             .where(col(Payment.batch_id) == target, col(Payment.state) == PaymentState.PENDING)
-            .order_by(col(Payment.created_at))
-            .limit(1)
-        ).first()
-    return [oldest, payment.id] if oldest is not None else own
+            .order_by(*order.pending())
+            .limit(SCORE_CANDIDATES if order.by_score else 1)
+        ).all()
+        better = _better_waiting(session, target, first[0] if first else None) if order.by_score else None
+    if better is not None and _swap_in(payment, better):
+        return [better, *[row_id for row_id in first if row_id != payment.id]]
+    best = [row_id for row_id in first if row_id != payment.id]
+    if payment.id in first[:1]:
+        return own + best
+    return [*best, payment.id] if best else own
+
+
+# Rows deferred only because the bulk lane or the budget was full: their due time is a retry hint, not a rule.
+_LANE_WAITS = (RefusalReason.BULK_LANE_FULL, RefusalReason.ACCOUNT_BUDGET)
+
+
+def _better_waiting(session: Session, batch_id: str, best_pending: str | None) -> str | None:
+    """Under BULK_ORDER=score: the batch's best row deferred only for the lane or the budget, when it scores above
+    its best PENDING row (a row refused while the lane was full must not lose its place to worse rows that merely
+    kept their messages)."""
+    reasons = [guard_refusal_reason(reason) for reason in _LANE_WAITS]
+    row = session.exec(
+        select(Payment.id, Payment.score)
+        .where(col(Payment.batch_id) == batch_id, col(Payment.state) == PaymentState.DEFERRED)
+        .where(col(Payment.reason).in_(reasons))
+        .order_by(*bulk_order.current().waiting())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    if best_pending is not None:
+        pending_score = session.exec(select(Payment.score).where(col(Payment.id) == best_pending)).first()
+        if pending_score is not None and (row[1] is None or row[1] <= pending_score):
+            return None
+    return str(row[0])
+
+
+def _swap_in(payment: Payment, better: str) -> bool:
+    """The better deferred row goes back to PENDING with a message of its own, and this message's own row, if still
+    PENDING, waits in its place (PENDING -> DEFERRED, due at once, for the dispatcher). This message then tries the
+    better row first; whoever claims it, no PENDING row is left without a message (a spare message finds nothing
+    to claim, which is harmless). Each step is a conditional transition: a crash between them leaves a DEFERRED
+    row (released by the dispatcher) or a PENDING row not yet queued (queued by `requeue_stale_pending`)."""
+    engine = runtime.engine()
+    reason = guard_refusal_reason(RefusalReason.BULK_LANE_FULL)
+    transition(
+        engine,
+        payment.id,
+        [PaymentState.PENDING],
+        PaymentState.DEFERRED,
+        reason=reason,
+        next_attempt_at=utcnow(),
+    )
+    moved = transition(engine, better, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None)
+    if moved:
+        publish_payment(better, queue="bulk")
+    return moved

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import case, func
 from sqlmodel import col, select
 
-from worker import runtime
+from worker import bulk_order, runtime
 from worker.guard import AccountSnapshot, RefusalReason
 from worker.ledger import WAITING_STATES, Payment, PaymentState, mark, session_scope, transition, utcnow
 
@@ -102,7 +102,8 @@ def release_deferred() -> int:
     released = sum(_release(payment_id, "single") for payment_id in singles)
     # Each single payment just released will hold a reservation the bulk lane counts too.
     bulk_room = min(snapshot.bulk_headroom - len(singles), TICK_LIMIT)
-    released += sum(_release(payment_id, "bulk") for payment_id in _bulk_turns(due, bulk_room))
+    releasable = bulk_order.current().releasable(due)
+    released += sum(_release(payment_id, "bulk") for payment_id in _bulk_turns(releasable, bulk_room))
     if released:
         log.info(
             "released %d deferred payments (headroom %d, bulk %d)",
@@ -150,7 +151,7 @@ def _bulk_turns(condition: Any, room: int) -> list[str]:
                     .where(
                         col(Payment.batch_id).is_(None) if batch is None else col(Payment.batch_id) == batch
                     )
-                    .order_by(col(Payment.next_attempt_at), col(Payment.created_at))
+                    .order_by(*bulk_order.current().waiting())
                     .limit(share)
                 ).all()
     return ids

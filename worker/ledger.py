@@ -69,6 +69,8 @@ class Payment(SQLModel, table=True):
         UniqueConstraint("account", "external_reference", name="uq_payment_account_reference"),
         # A batch's rows by state: the bulk lane's turns and a batch's brake count these on every batch send.
         Index("ix_payment_batch_state", "batch_id", "state"),
+        # The bulk order (worker/bulk_order.py): a batch's next rows by score come off this index; only a tie is sorted.
+        Index("ix_payment_batch_order", "batch_id", "state", "score"),
     )
 
     id: str = Field(default_factory=new_payment_id, primary_key=True, max_length=32)
@@ -103,6 +105,9 @@ class Payment(SQLModel, table=True):
     # Callbacks that came before UpesiPay's 201 was recorded, as a JSON list; applied (or dropped) once the
     # CheckoutRequestID is known. See worker.provider_callback.
     held_callbacks: str | None = Field(default=None, max_length=4096)
+    # Batch rows: the number's expected chance to pay, from its history on this account when the row was recorded
+    # (worker/scoring.py; docs/batches.md "Release order"). The bulk lane's order under BULK_ORDER=score.
+    score: float | None = None
 
     created_at: datetime = Field(default_factory=utcnow, index=True)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -200,6 +205,10 @@ class Batch(SQLModel, table=True):
     pause_reason: str | None = Field(default=None, max_length=500)
     # Outcomes before this are not held against the batch again after a resume.
     resumed_at: datetime | None = None
+    # Opt-in re-prompts (worker/reprompts.py): a row whose prompt was cancelled or not answered gets up to
+    # reprompt_max further prompts, each at least reprompt_after_s after the previous one ended. 0: never twice.
+    reprompt_max: int = 0
+    reprompt_after_s: int | None = None
 
 
 class PhoneRelease(SQLModel, table=True):

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     # Batch sends in flight at once, at most: each may still fail, so a batch cannot commit the whole bulk lane
     # to outcomes it has not seen yet.
     bulk_max_inflight: int = Field(default=20, ge=1)
+    # The bulk lane's release order (docs/batches.md, "Release order"): "score" sends the waiting rows likeliest to
+    # pay first (worker/scoring.py), "fifo" in the order they were recorded. Neither changes what the guard admits.
+    bulk_order: Literal["fifo", "score"] = "score"
     # Deadlines: how long a single payment is worth prompting for when its producer does not say (a customer
     # leaves the checkout); past it, a payment never sent ends EXPIRED. Batch rows have none unless given.
     interactive_expires_in_s: int = Field(default=600, ge=1)

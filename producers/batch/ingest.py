@@ -42,7 +42,7 @@ from producers.batch.rejects import RejectsFile
 from producers.batch.report import BatchCounts, BatchReport
 from producers.enqueue import differing_fields
 from producers.validation import FieldError, PaymentRequest, PaymentValidationError, validate_payment
-from worker import runtime
+from worker import reprompts, runtime
 from worker.ledger import (
     Batch,
     BatchState,
@@ -53,6 +53,7 @@ from worker.ledger import (
     session_scope,
     utcnow,
 )
+from worker.scoring import scores_for
 
 log = logging.getLogger("stkpush.batch")
 
@@ -123,12 +124,18 @@ class _Pass:
     bytes_read: int = 0
 
 
-def open_batch(source_name: str, *, all_or_nothing: bool = False) -> str:
-    """Record a new batch (INGESTING) and return its id; ingest_batch(batch_id=...) fills it."""
+def open_batch(
+    source_name: str, *, all_or_nothing: bool = False, reprompt: int = 0, reprompt_after_s: int | None = None
+) -> str:
+    """Record a new batch (INGESTING) and return its id; ingest_batch(batch_id=...) fills it. `reprompt` further
+    prompts, each at least `reprompt_after_s` after the last (worker/reprompts.py; RepromptError if invalid)."""
+    reprompt, reprompt_after_s = reprompts.check(reprompt, reprompt_after_s)
     batch = Batch(
         account=runtime.settings().upesipay_account,
         source_name=Path(source_name).name[:255] or "batch",
         all_or_nothing=all_or_nothing,
+        reprompt_max=reprompt,
+        reprompt_after_s=reprompt_after_s,
     )
     with session_scope(runtime.engine()) as session:
         session.add(batch)
@@ -146,6 +153,8 @@ def ingest_batch(
     batch_id: str | None = None,
     chunk_rows: int = CHUNK_ROWS,
     on_progress: ProgressCallback | None = None,
+    reprompt: int = 0,
+    reprompt_after_s: int | None = None,
 ) -> BatchReport:
     """Ingest one bulk invoice file; see the module docstring. Never raises for bad rows or an unusable file:
     the report (and the batch record) say what happened."""
@@ -158,7 +167,9 @@ def ingest_batch(
             raise ValueError("cannot tell the file's format from its name: give file_format (csv or jsonl)")
     fmt = FileFormat(file_format)
     if batch_id is None:
-        batch_id = open_batch(name, all_or_nothing=all_or_nothing)
+        batch_id = open_batch(
+            name, all_or_nothing=all_or_nothing, reprompt=reprompt, reprompt_after_s=reprompt_after_s
+        )
     ingestion = _Ingestion(
         batch_id=batch_id,
         file_format=fmt,
@@ -444,6 +455,8 @@ class _Ingestion:
 
     def _insert(self, connection: Connection, new: list[_Candidate]) -> dict[str, str]:
         now = utcnow()
+        # Each row's release order under BULK_ORDER=score: its number's history, read in the chunk's transaction.
+        scores = scores_for(connection, self.account, [c.request.phone for c in new], now)
         rows = [
             {
                 "id": new_payment_id(),
@@ -457,6 +470,7 @@ class _Ingestion:
                 "batch_id": self.batch_id,
                 "state": PaymentState.PENDING,
                 "attempts": 0,
+                "score": scores[c.request.phone],
                 "created_at": now,
                 "updated_at": now,
             }

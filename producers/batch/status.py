@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from worker import runtime
+from worker import forecast, runtime
 from worker.ledger import Batch, BatchState, Payment, PaymentState, session_scope
 
 
@@ -69,4 +69,17 @@ def batch_status(batch_id: str) -> dict[str, Any] | None:
         "paused_at": batch.paused_at.isoformat() if batch.paused_at else None,
         "pause_reason": batch.pause_reason,
         "resumed_at": batch.resumed_at.isoformat() if batch.resumed_at else None,
+        "reprompt": batch.reprompt_max,
+        "reprompt_after_s": batch.reprompt_after_s,
+        "forecast": _forecast(batch.id),
     }
+
+
+def _forecast(batch_id: str) -> dict[str, Any] | None:
+    """The batch's estimated finish and the account's failure budget (worker/forecast.py)."""
+    settings = runtime.settings()
+    eta = forecast.batch_forecast(runtime.engine(), batch_id, settings)
+    if eta is None:
+        return None
+    budget = forecast.budget_forecast(runtime.engine(), settings.upesipay_account, settings)
+    return {**eta.as_dict(), "budget": budget.as_dict()}

@@ -205,3 +205,61 @@ def read_png(data: bytes) -> tuple[int, int, list[list[tuple[int, ...]]]]:
         rows.append([tuple(line[x : x + channels]) for x in range(0, stride, channels)])
         previous = line
     return width, height, rows
+
+
+def test_chromium_draws_the_failure_window_chart_from_the_ledger(
+    chromium: str, profile: Path, seeded_web: SeededWeb
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import delete
+    from sqlmodel import col, select
+
+    from worker.ledger import AttemptOutcome, Payment, SendAttempt, make_engine, session_scope, utcnow
+
+    # Given five failures in the ledger's window: two 5 h ago, three 1 h ago
+    engine = make_engine(seeded_web.env["DATABASE_URL"])
+    now = utcnow()
+    ids = [f"chart{n}.x" for n in range(5)]
+    with session_scope(engine) as session:
+        payment_id = session.exec(select(Payment.id).where(Payment.account == seeded_web.account)).first()
+        assert payment_id is not None
+        for n, attempt_id in enumerate(ids):
+            at = now - timedelta(hours=5 if n < 2 else 1)
+            session.add(
+                SendAttempt(
+                    id=attempt_id,
+                    payment_id=payment_id,
+                    account=seeded_web.account,
+                    number=100 + n,
+                    outcome=AttemptOutcome.FAILURE,
+                    outcome_at=at,
+                    guard_resolved_at=at,
+                )
+            )
+        session.commit()
+    try:
+        data = httpx.get(seeded_web.url + "/dashboard/data", timeout=10).json()
+        points = [point["failures"] for point in data["chart"]["points"]]
+        assert len(points) == 73 and points[0] == 0 and points[-1] == 5 and max(points) == 5
+        assert 2 in points  # between the two groups of failures
+        assert (data["chart"]["limit"], data["chart"]["bulk_budget"]) == (FAILURE_LIMIT, FAILURE_LIMIT - 10)
+        # When Chromium renders the page
+        dom = rendered_dom(chromium, profile, seeded_web.url + "/dashboard", budget_ms=1500)
+        # Then the chart is drawn in the page itself: 73 points, the limit line above the bulk lane's
+        svg = re.search(r'<svg id="failure-chart"[^>]*data-points="73"[^>]*>(.*?)</svg>', dom, re.S)
+        assert svg, "no chart"
+        line = re.search(r'id="chart-line"[^>]*points="([^"]+)"', svg.group(1))
+        assert line
+        ys = [float(pair.split(",")[1]) for pair in line.group(1).split()]
+        assert len(ys) == 73 and ys[-1] < ys[0]  # more failures now than 6 h ago: higher on the chart
+        limit_y = float(re.search(r'id="chart-limit"[^>]*y1="([\d.]+)"', svg.group(1)).group(1))  # type: ignore[union-attr]
+        reserve_y = float(re.search(r'id="chart-reserve"[^>]*y1="([\d.]+)"', svg.group(1)).group(1))  # type: ignore[union-attr]
+        assert limit_y < reserve_y < ys[0]
+        assert "http" not in svg.group(1)  # nothing fetched from elsewhere
+        assert cell(dom, "next-free").startswith((now + timedelta(hours=1)).isoformat()[:13])
+    finally:
+        with session_scope(engine) as session:
+            session.exec(delete(SendAttempt).where(col(SendAttempt.id).in_(ids)))  # type: ignore[call-overload]
+            session.commit()
+        engine.dispose()

@@ -119,9 +119,27 @@ def _print_report(report: dict[str, Any]) -> None:
     default=None,
     help="Where bad rows are listed (line, field, rule). Default: FILE.rejects.csv.",
 )
+@click.option(
+    "--reprompt",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Further prompts (at most 5) for a row whose prompt was cancelled or not answered. 0: never twice.",
+)
+@click.option(
+    "--reprompt-after",
+    default=None,
+    help="With --reprompt: the least time from a prompt's end to the next, e.g. 4h, 30m, 90s, 2d.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 def batch_command(
-    file: Path, file_format: str | None, all_or_nothing: bool, rejects_path: Path | None, as_json: bool
+    file: Path,
+    file_format: str | None,
+    all_or_nothing: bool,
+    rejects_path: Path | None,
+    reprompt: int,
+    reprompt_after: str | None,
+    as_json: bool,
 ) -> None:
     """Record and queue every payment of a bulk invoice FILE (CSV with a header row, or JSON Lines).
 
@@ -132,13 +150,23 @@ def batch_command(
     the file is unusable).
     """
     from producers.batch import ingest_batch
+    from worker.reprompts import RepromptError, check, parse_after
 
+    try:
+        reprompt, after_s = check(
+            reprompt, parse_after(reprompt_after) if reprompt_after is not None else None
+        )
+    except RepromptError as error:
+        click.echo(f"error: --{error.field.replace('_', '-')}: {error.rule}", err=True)
+        sys.exit(EXIT_NOTHING_RECORDED)
     display = ProgressDisplay(file.stat().st_size)
     try:
         report = ingest_batch(
             file,
             file_format=file_format,
             all_or_nothing=all_or_nothing,
+            reprompt=reprompt,
+            reprompt_after_s=after_s,
             rejects_path=rejects_path or file.with_name(file.name + ".rejects.csv"),
             on_progress=display,
         )
@@ -195,6 +223,23 @@ def batch_status_command(batch_id: str, as_json: bool) -> None:
             click.echo(f"    {count:>8}  {reason}")
     if status["rejects_path"]:
         click.echo(f"  rejects file: {status['rejects_path']}")
+    if status["reprompt"]:
+        click.echo(
+            f"  re-prompts: up to {status['reprompt']} per row, {status['reprompt_after_s']} s apart at least"
+        )
+    eta = status["forecast"]
+    if eta is not None and eta["remaining_rows"]:
+        finish = eta["finish_at"] or "unknown (beyond the forecast's reach)"
+        click.echo(
+            f"  forecast: {eta['remaining_rows']} rows left, observed failure rate "
+            f"{eta['observed_failure_rate']:.0%} over {eta['prompts_ended']} prompts, finish about {finish}"
+        )
+    if eta is not None:
+        budget = eta["budget"]
+        click.echo(
+            f"  failure budget: {budget['failures_in_window']} of {budget['limit']} used in the window "
+            f"(bulk lane {budget['bulk_budget']}); frees next at {budget['next_free_at'] or 'now (none used)'}"
+        )
 
 
 @click.command("batch-resume")

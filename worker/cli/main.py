@@ -190,6 +190,11 @@ def show(phone: str | None = None, as_json: bool = False) -> None:
         phone_view = asdict(runtime.guard().phone_snapshot(canonical))
         phone_view["phone"] = mask_phone(canonical)
         snapshot["phone"] = phone_view
+    from worker import forecast
+
+    settings = runtime.settings()
+    budget = forecast.budget_forecast(runtime.engine(), settings.upesipay_account, settings)
+    snapshot["forecast"] = budget.as_dict()
     if as_json:
         click.echo(json.dumps(snapshot, default=str))
         return
@@ -197,6 +202,8 @@ def show(phone: str | None = None, as_json: bool = False) -> None:
         click.echo(f"[{section}]")
         for key, value in values.items():
             click.echo(f"  {key:>22}: {value}")
+    for line in forecast.describe_budget(budget):
+        click.echo(line)
 
 
 @guard.command()

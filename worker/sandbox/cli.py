@@ -6,6 +6,7 @@ import click
 import uvicorn
 
 from worker.sandbox.app import SandboxConfig, create_app
+from worker.sandbox.rules import AbuseLimits
 from worker.sandbox.scenario import Scenario, ScenarioError, load_scenario
 
 DEFAULT_PORT = 8070
@@ -142,6 +143,13 @@ def _scenario(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 )
 @click.option("--late-delay", default=30.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
+    "--abuse-window",
+    default=6 * 3600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds of the sliding failure window (UpesiPay's is 6 h); shorter for time-scaled benchmarks.",
+)
+@click.option(
     "--log-level",
     default="warning",
     show_default=True,
@@ -155,6 +163,7 @@ def sandbox_command(
     seed: int,
     callback_delay: float,
     late_delay: float,
+    abuse_window: float,
     log_level: str,
 ) -> None:
     try:
@@ -164,6 +173,7 @@ def sandbox_command(
             seed=seed,
             callback_delay_s=callback_delay,
             late_delay_s=late_delay,
+            limits=AbuseLimits(window_s=abuse_window),
         )
     except ValueError as error:
         raise click.BadParameter(str(error)) from None

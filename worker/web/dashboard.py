@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import Engine, func
 from sqlmodel import col, select
 
-from worker import other_channels, runtime
+from worker import forecast, other_channels, runtime
 from worker.guard import Guard
 from worker.ledger import (
     TERMINAL_STATES,
@@ -149,9 +149,17 @@ def _running_batches(engine: Engine, account: str) -> list[dict[str, Any]]:
                 "created_at": batch.created_at.isoformat(timespec="seconds"),
                 "paused": batch.paused_at is not None,
                 "pause_reason": batch.pause_reason,
+                "finish_at": _finish_at(engine, batch.id),
             }
         )
     return views
+
+
+def _finish_at(engine: Engine, batch_id: str) -> str | None:
+    eta = forecast.batch_forecast(engine, batch_id, runtime.settings())
+    if eta is None or eta.finish_at is None:
+        return None
+    return eta.finish_at.isoformat(timespec="seconds")
 
 
 def _other_channels_view(account: str) -> dict[str, Any]:
@@ -179,6 +187,15 @@ def snapshot() -> dict[str, Any]:
         "payments_total": sum(payments.values()),
         "batches": _running_batches(engine, account),
         "other_channels": _other_channels_view(account),
+    }
+    settings = runtime.settings()
+    budget = forecast.budget_forecast(engine, account, settings)
+    data["forecast"] = budget.as_dict()
+    data["chart"] = {
+        "limit": settings.account_failure_limit,
+        "reserve": settings.interactive_reserve,
+        "bulk_budget": budget.bulk_budget,
+        "points": forecast.window_series(engine, account, settings),
     }
     try:
         guard = runtime.guard()
@@ -274,6 +291,13 @@ PAGE = """<!doctype html>
       <tr><td>of the failures, from other channels</td><td class="n" id="other-channels"></td></tr>
     </table>
   </section>
+  <section id="window-chart">
+    <h2>Failure window, last 6 h</h2>
+    <svg id="failure-chart" viewBox="0 0 360 140" width="100%" role="img"
+      aria-label="failures in the window over the last 6 hours, with the limit and the reserve"></svg>
+    <p class="muted">budget frees next: <span id="next-free"></span>; bulk lane full until:
+      <span id="bulk-free"></span></p>
+  </section>
   <section id="restrictions"><h2>Restrictions</h2><div id="restriction-list"></div></section>
   <section id="payments">
     <h2>Payments by state</h2>
@@ -364,6 +388,9 @@ function render(d) {
     return tr;
   }), "no payments");
   set("payments-total", d.payments_total);
+  chart(d.chart);
+  set("next-free", d.forecast.next_free_at || "now (no failures in the window)");
+  set("bulk-free", d.forecast.bulk_free_at || "not full");
 
   fill("blocked-list", d.blocked.map((b) => row([[b.phone], [b.cause], ["until " + b.until, "muted"]])),
        "no blocked numbers");
@@ -371,10 +398,42 @@ function render(d) {
   fill("batch-list", d.batches.map((b) => {
     const tr = row([[b.source_name], [b.done + " / " + b.payments + " settled", "n"],
                     [b.progress_pct + "%", "n"], [b.succeeded + " succeeded", "n muted"],
+                    [b.finish_at ? "finish ~" + b.finish_at : "", "muted"],
                     [b.paused ? "PAUSED: " + b.pause_reason : "", b.paused ? "alert" : "none"]]);
     tr.dataset.batch = b.id;
     return tr;
   }), "no running batches");
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  Object.entries(attrs).forEach(([k, v]) => node.setAttribute(k, String(v)));
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+function chart(c) {
+  // Drawn here from the page's own data: no library, nothing fetched from elsewhere.
+  const W = 360, H = 140, L = 28, R = 6, T = 8, B = 18;
+  const top = Math.max(c.limit, ...c.points.map((p) => p.failures)) * 1.1 || 1;
+  const x = (i) => L + (W - L - R) * (c.points.length > 1 ? i / (c.points.length - 1) : 0);
+  const y = (v) => T + (H - T - B) * (1 - v / top);
+  const nodes = [
+    svg("line", { x1: L, x2: W - R, y1: y(0), y2: y(0), stroke: "#9aa1b1" }),
+    svg("line", { id: "chart-limit", x1: L, x2: W - R, y1: y(c.limit), y2: y(c.limit), stroke: "#d64545",
+                  "stroke-dasharray": "4 3" }),
+    svg("text", { x: 2, y: y(c.limit) + 4, "font-size": 10, fill: "#d64545" }, c.limit),
+    svg("line", { id: "chart-reserve", x1: L, x2: W - R, y1: y(c.bulk_budget), y2: y(c.bulk_budget),
+                  stroke: "#e0a100", "stroke-dasharray": "2 3" }),
+    svg("text", { x: 2, y: y(c.bulk_budget) + 4, "font-size": 10, fill: "#b07e00" }, c.bulk_budget),
+    svg("polyline", { id: "chart-line", fill: "none", stroke: "#2f6fd6", "stroke-width": 2,
+                      points: c.points.map((p, i) => x(i).toFixed(1) + "," + y(p.failures).toFixed(1)).join(" ") }),
+    svg("text", { x: L, y: H - 4, "font-size": 10, fill: "#6b7385" }, "-6 h"),
+    svg("text", { x: W - R - 22, y: H - 4, "font-size": 10, fill: "#6b7385" }, "now"),
+  ];
+  const box = document.getElementById("failure-chart");
+  box.dataset.points = String(c.points.length);
+  box.replaceChildren(...nodes);
 }
 
 async function refresh() {

@@ -39,7 +39,7 @@ from producers.batch import (
 )
 from producers.enqueue import PaymentConflictError, enqueue_payment
 from producers.validation import PaymentValidationError, expires_in_error, validate_payment
-from worker import batch_brake, runtime
+from worker import batch_brake, reprompts, runtime
 from worker.ledger import TERMINAL_STATES, Payment, find_by_reference, get_payment
 from worker.web.access import history_view, payment_view, require_api_key
 from worker.web.waiting import wait_for_outcome
@@ -154,6 +154,12 @@ class BatchStatus(BaseModel):
     paused_at: str | None
     pause_reason: str | None = Field(description="which trigger fired (worker/batch_brake.py)")
     resumed_at: str | None
+    reprompt: int = Field(default=0, description="further prompts a cancelled or unanswered row may get")
+    reprompt_after_s: int | None = Field(default=None, description="least seconds between a row's prompts")
+    forecast: dict[str, Any] | None = Field(
+        default=None,
+        description="estimated finish (worker/forecast.py): remaining rows, observed failure rate, budget",
+    )
     rejects: list[RejectRow] = Field(
         default_factory=list, description=f"the first {REJECTS_SHOWN} rejects (line, field, rule)"
     )
@@ -285,7 +291,23 @@ async def create_batch(
     ] = None,
     name: Annotated[str, Query(max_length=255, description="The file's name, shown to operators")] = "upload",
     all_or_nothing: Annotated[bool, Query(description="Record nothing if any row is bad")] = False,
+    reprompt: Annotated[
+        str | None, Query(description="Further prompts (0 to 5) for a cancelled or unanswered prompt")
+    ] = None,
+    reprompt_after: Annotated[
+        str | None, Query(description="With reprompt: least time between prompts, e.g. 4h, 30m, 90s")
+    ] = None,
 ) -> JSONResponse:
+    try:
+        count = int(reprompt) if reprompt is not None and reprompt.strip().isdigit() else None
+        if reprompt is not None and count is None:
+            raise reprompts.RepromptError(
+                "reprompt", f"must be a whole number from 0 to {reprompts.MAX_REPROMPTS}"
+            )
+        after_s = reprompts.parse_after(reprompt_after) if reprompt_after is not None else None
+        reprompt_max, reprompt_after_s = reprompts.check(count or 0, after_s)
+    except reprompts.RepromptError as error:
+        return problem(422, "invalid re-prompt options", [{"field": error.field, "rule": error.rule}])
     fmt = file_format or format_for_media_type(request.headers.get("content-type")) or format_for_name(name)
     if fmt is None:
         rule = "give ?format=csv or jsonl, a Content-Type of text/csv or application/x-ndjson, or a name ending .csv"
@@ -310,7 +332,11 @@ async def create_batch(
     except BaseException:
         upload.unlink(missing_ok=True)
         raise
-    batch_id = await run_in_threadpool(lambda: open_batch(name, all_or_nothing=all_or_nothing))
+    batch_id = await run_in_threadpool(
+        lambda: open_batch(
+            name, all_or_nothing=all_or_nothing, reprompt=reprompt_max, reprompt_after_s=reprompt_after_s
+        )
+    )
     _ingestion_pool().submit(_ingest_upload, upload, batch_id, fmt, all_or_nothing)
     status_url = f"/batches/{batch_id}"
     return JSONResponse(
