@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from worker import batch_brake, bulk_turns, metrics, runtime
+from worker.accounts import UnknownAccount
 from worker.attempts import claim_for_send, end_attempt, record_guard_block, record_sent
 from worker.dispatch import expire, guard_refusal_reason
 from worker.faults import fail_point
@@ -79,6 +80,17 @@ def defer(token: str, seconds: float, reason: str, outcome: AttemptOutcome = Att
     ).payment_moved
 
 
+def account_unusable(account: str) -> str | None:
+    """Why nothing may be sent for `account` now (unknown or disabled), None when it may."""
+    try:
+        config = runtime.account(account)
+    except UnknownAccount:
+        return f"account {account} is not configured: waiting"
+    if config.disabled:
+        return f"account {account} is disabled: waiting"
+    return None
+
+
 def lane_of(payment: Payment) -> Lane:
     """The guard's lane follows the payment's queue, so it can always be told again from the ledger."""
     return Lane.BULK if payment.queue == "bulk" else Lane.INTERACTIVE
@@ -107,11 +119,19 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         return SendResult.NOT_CLAIMABLE, None
 
     fail_point("after-claim")
-    pause = runtime.credentials_pause().remaining_s()
+    # Everything below is the payment's own account's: its guard, its pause, its token and channel. Another
+    # account's restriction or refused credentials never reaches this payment.
+    account = payment.account
+    unusable = account_unusable(account)
+    if unusable is not None:
+        defer(token, runtime.settings().credentials_probe_s, unusable)
+        log.warning("payment %s waits: %s", payment.id, unusable)
+        return SendResult.PAUSED, None
+    pause = runtime.credentials_pause_of(account).remaining_s()
     if pause > 0:
         defer(token, pause, "sending paused: UpesiPay refused the credentials")
         return SendResult.PAUSED, None
-    decision = admit(payment.phone, token, lane_of(payment))
+    decision = admit(payment.phone, token, lane_of(payment), account)
     metrics.record_guard_decision(decision)
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
@@ -119,7 +139,7 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
             # A rebuild running now may have read this attempt while it was open and reserved it: the guard
             # is told to release it (now, or by beat if Redis is still away).
             if defer(token, decision.retry_after, guard_refusal_reason(reason), AttemptOutcome.RELEASED):
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
         else:
             defer(token, decision.retry_after, guard_refusal_reason(reason))
         log.info(
@@ -128,14 +148,14 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         return SendResult.DEFERRED, None
 
     settings = runtime.settings()
-    result = runtime.upesipay().initiate_push(
+    result = runtime.upesipay_of(account).initiate_push(
         PushRequest(
             amount=payment.amount,
             phone=payment.phone,
             channel_id=payment.channel_id,
             external_reference=payment.external_reference,
             customer_name=payment.customer_name,
-            callback_url=attempt_callback_url(settings, token),
+            callback_url=attempt_callback_url(settings, token, account),
         )
     )
     fail_point("after-send")
@@ -163,7 +183,8 @@ def _claim(payment: Payment) -> tuple[SendResult | None, str | None]:
 def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult, Retry | None]:
     metrics.record_push(result)
     engine = runtime.engine()
-    guard = runtime.guard()
+    account = payment.account
+    guard = runtime.guard_of(account)
     evidence: dict[str, Any] = {
         "provider_status_code": result.status_code,
         "provider_response": result.raw[:2048] if result.raw else None,
@@ -198,20 +219,24 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                 **evidence,
             )
             if ended.attempt_ended:
-                tell_guard(token, AttemptOutcome.FAILURE)
+                tell_guard(token, AttemptOutcome.FAILURE, account)
             batch_brake.note_outcome(payment.batch_id)
             log.warning("payment %s rejected by UpesiPay: %s", payment.id, result.detail)
             return SendResult.REJECTED, None
         case PushOutcome.CREDENTIALS_REFUSED:
             probe_s = runtime.settings().credentials_probe_s
-            runtime.credentials_pause().pause(probe_s)
+            runtime.credentials_pause_of(account).pause(probe_s)
             if defer(token, probe_s, "UpesiPay refused the credentials", AttemptOutcome.RELEASED):
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
             log.error(
-                "UpesiPay refused the credentials (HTTP %s): all sending paused for %.0fs; check "
-                "UPESIPAY_AUTH_TOKEN",
+                "UpesiPay refused the credentials of account %s (HTTP %s): its sending paused for %.0fs; check "
+                "%s",
+                account,
                 result.status_code,
                 probe_s,
+                "UPESIPAY_AUTH_TOKEN"
+                if runtime.account(account).from_environment
+                else "its token (stkpush account set)",
             )
             return SendResult.PAUSED, None
         case PushOutcome.RATE_LIMITED:
@@ -230,7 +255,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             if defer(
                 token, wait, f"UpesiPay rate limit ({result.scope}): {result.detail}", AttemptOutcome.RELEASED
             ):
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
             log.warning("payment %s: UpesiPay rate limited (%s) for %.0fs", payment.id, result.scope, wait)
             return SendResult.DEFERRED, None
         case PushOutcome.NOT_SENT:
@@ -245,7 +270,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                     attempts=attempts,
                     reason=f"could not reach UpesiPay after {attempts} attempts: {result.detail}"[:500],
                 ).attempt_ended:
-                    tell_guard(token, AttemptOutcome.RELEASED)
+                    tell_guard(token, AttemptOutcome.RELEASED, account)
                 log.error("payment %s failed: UpesiPay unreachable after %d attempts", payment.id, attempts)
                 return SendResult.GAVE_UP, None
             countdown = backoff_s(attempts)
@@ -260,7 +285,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                 reason=f"not sent ({result.detail}); retry {attempts} in {countdown:.1f}s"[:500],
                 queued_at=None,
             ).attempt_ended:
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
             return SendResult.RETRY, Retry(countdown)
         case PushOutcome.AMBIGUOUS:
             # The request may have reached UpesiPay: resending could prompt the customer twice. The reservation

@@ -11,13 +11,13 @@ from worker import runtime
 from worker.ledger import Batch, BatchState, Payment, PaymentState, session_scope
 
 
-def batch_status(batch_id: str) -> dict[str, Any] | None:
+def batch_status(batch_id: str, account: str | None = None) -> dict[str, Any] | None:
     """The batch record with its payments counted by state, money requested and collected, and why payments
-    wait (DEFERRED reasons); None when this account has no such batch."""
+    wait (DEFERRED reasons); None when `account` (None: the environment's) has no such batch."""
     engine = runtime.engine()
     with session_scope(engine) as session:
         batch = session.get(Batch, batch_id)
-    if batch is None or batch.account != runtime.settings().upesipay_account:
+    if batch is None or batch.account != (account or runtime.settings().upesipay_account):
         return None
     with engine.connect() as connection:
         by_state = {state.value: 0 for state in PaymentState}

@@ -33,6 +33,7 @@ LEDGER_TABLES = {
     "guard_block",
     "external_failure",
     "phone_release",
+    "account",
     "event",
     "webhook_endpoint",
     "webhook_delivery",

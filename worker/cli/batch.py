@@ -120,8 +120,14 @@ def _print_report(report: dict[str, Any]) -> None:
     help="Where bad rows are listed (line, field, rule). Default: FILE.rejects.csv.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@click.option("--account", default=None, help="The UpesiPay account (default: UPESIPAY_ACCOUNT's).")
 def batch_command(
-    file: Path, file_format: str | None, all_or_nothing: bool, rejects_path: Path | None, as_json: bool
+    file: Path,
+    file_format: str | None,
+    all_or_nothing: bool,
+    rejects_path: Path | None,
+    as_json: bool,
+    account: str | None,
 ) -> None:
     """Record and queue every payment of a bulk invoice FILE (CSV with a header row, or JSON Lines).
 
@@ -141,6 +147,7 @@ def batch_command(
             all_or_nothing=all_or_nothing,
             rejects_path=rejects_path or file.with_name(file.name + ".rejects.csv"),
             on_progress=display,
+            account=account,
         )
     except ValueError as error:
         display.close()

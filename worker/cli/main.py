@@ -58,6 +58,7 @@ def web(host: str, port: int) -> None:
     default=None,
     help="Seconds the prompt is worth sending for (default INTERACTIVE_EXPIRES_IN_S); then EXPIRED.",
 )
+@click.option("--account", default=None, help="The UpesiPay account (default: UPESIPAY_ACCOUNT's).")
 def enqueue(
     amount: int,
     phone_number: str,
@@ -65,13 +66,20 @@ def enqueue(
     customer_name: str | None,
     channel_id: int | None,
     expires_in: int | None,
+    account: str | None,
 ) -> None:
     """Record one payment and queue its STK push (idempotent per reference)."""
     from producers import PaymentConflictError, PaymentValidationError, enqueue_payment
 
     try:
         handle = enqueue_payment(
-            amount, phone_number, external_reference, customer_name, channel_id, expires_in=expires_in
+            amount,
+            phone_number,
+            external_reference,
+            customer_name,
+            channel_id,
+            expires_in=expires_in,
+            account=account,
         )
     except PaymentValidationError as error:
         fail(str(error))
@@ -341,9 +349,11 @@ _register_batch()
 
 
 def _register_webhook() -> None:
+    from worker.cli.account import account_command
     from worker.cli.webhook import webhook_command
 
     main.add_command(webhook_command, name="webhook")
+    main.add_command(account_command, name="account")
 
 
 _register_webhook()
