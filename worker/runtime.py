@@ -26,9 +26,6 @@ from worker.pause import CredentialsPause
 from worker.settings import Settings, get_settings
 from worker.upesipay import UpesiPayClient
 
-# How long a stored account's configuration is trusted before it is read again.
-ACCOUNT_CACHE_S = 10.0
-
 T = TypeVar("T")
 
 
@@ -77,7 +74,7 @@ def account(name: str | None = None) -> AccountConfig:
     now = time.monotonic()
     with _accounts_lock:
         cached = _accounts.get(name)
-    if cached is not None and now - cached[0] < ACCOUNT_CACHE_S:
+    if cached is not None and now - cached[0] < current.account_cache_s:
         return cached[1]
     loaded = load_account(engine(), current, name)
     if loaded is None:

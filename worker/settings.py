@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # comma separated, the first encrypting (docs/operations.md, "Rotating the encryption key"). Empty: only the
     # environment's account can be used.
     account_token_key: SecretStr = SecretStr("")
+    # How long a process trusts a stored account's configuration before reading it again: `stkpush account set`
+    # (a new token, new limits, a disable) reaches every worker within this.
+    account_cache_s: float = Field(default=10.0, ge=0, le=3600)
     # Where the guard keeps its state: empty means REDIS_URL. A `redis+cluster://` (or `rediss+cluster://`) URL
     # puts the guard on a Redis Cluster; the broker stays on REDIS_URL (kombu has no cluster transport).
     guard_redis_url: str = ""
