@@ -34,6 +34,7 @@ def running_stack(
     beat: bool = True,
     extra_env: Mapping[str, str] | None = None,
     tmpdir_inside: bool = False,
+    sandbox_args: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     """A stack of its own, activated for this process while the block runs, stopped (and deactivated) after.
 
@@ -44,6 +45,7 @@ def running_stack(
         scenario=json.dumps(scenario) if scenario is not None else Stack.scenario,
         extra_env=dict(extra_env or {}),
         workers=workers,
+        sandbox_args=sandbox_args,
     )
     if tmpdir_inside:
         stack.extra_env["TMPDIR"] = str(stack.workdir)
