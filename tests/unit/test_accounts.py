@@ -198,3 +198,46 @@ def test_cli_disable_then_enqueue_for_it_is_refused_naming_account() -> None:
     with pytest.raises(PaymentValidationError) as unknown:
         enqueue_payment(100, "0712345678", "INV-1", account="nobody")
     assert "is not a configured account" in str(unknown.value)
+
+
+def test_a_bulk_turn_goes_to_another_accounts_batch_with_fewer_sends_in_flight() -> None:
+    from worker import bulk_turns
+    from worker.ledger import Batch, Payment, PaymentState
+
+    add_account(runtime.engine(), runtime.settings(), "acme", [7001], TOKEN)
+    big, small = Batch(account="acct-env", source_name="big.csv"), Batch(account="acme", source_name="small.csv")
+    with session_scope(runtime.engine()) as session:
+        session.add_all([big, small])
+        session.commit()
+        rows = [
+            Payment(
+                account=batch.account,
+                external_reference=f"R{index}-{batch.source_name}",
+                phone=f"2547120000{index:02d}",
+                amount=10,
+                channel_id=7001,
+                queue="bulk",
+                batch_id=batch.id,
+                state=state,
+            )
+            for batch, count, state in ((big, 3, PaymentState.AWAITING_CALLBACK), (big, 3, PaymentState.PENDING))
+            for index in range(count)
+        ] + [
+            Payment(
+                account="acme",
+                external_reference="S1",
+                phone="254713000001",
+                amount=10,
+                channel_id=7001,
+                queue="bulk",
+                batch_id=small.id,
+            )
+        ]
+        for index, row in enumerate(rows):
+            row.external_reference = f"{row.external_reference}-{index}"
+        session.add_all(rows)
+        session.commit()
+        own = next(row for row in rows if row.batch_id == big.id and row.state == PaymentState.PENDING)
+        theirs = rows[-1]
+    # The big batch of the environment's account has 3 sends in flight, acme's small one none: acme's row first.
+    assert bulk_turns.candidates(own) == [theirs.id, own.id]
