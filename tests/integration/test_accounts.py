@@ -118,12 +118,7 @@ def test_one_accounts_refused_token_budget_and_restriction_never_slow_the_others
     failing = [post_payment(stack, "alpha", phone, new_reference("AF")) for phone in FAILING]
     wait_until(
         lambda: (
-            sum(
-                1
-                for payment_id in failing
-                if (row := wait_for_state(payment_id, frozenset(PaymentState), 5)).state
-                == PaymentState.FAILED
-            )
+            sum(1 for payment_id in failing if find_one(payment_id).state == PaymentState.FAILED)
             >= ALPHA_LIMIT
         ),
         30,
@@ -161,7 +156,7 @@ def test_one_accounts_refused_token_budget_and_restriction_never_slow_the_others
         assert len(attempts_of(payment_id)) == 1
     for name, batch_id in batches.items():
         wait_until(
-            lambda batch_id=batch_id: (
+            lambda batch_id=batch_id, name=name: (
                 httpx.get(
                     f"{stack.web_url}/batches/{batch_id}", headers={"X-API-Key": KEYS[name]}, timeout=5
                 ).json()["payments_by_state"]["SUCCEEDED"]
@@ -196,6 +191,11 @@ def test_one_accounts_refused_token_budget_and_restriction_never_slow_the_others
         == 404
     )
     assert find_by_reference(engine, "bravo", reference) is not None
+    # /metrics labels each account's own state.
+    text = httpx.get(f"{stack.web_url}/metrics", timeout=10).text
+    assert 'stkpush_account_guard_headroom{account="alpha"} 0.0' in text
+    assert 'stkpush_account_payments{account="bravo",state="SUCCEEDED"} 23.0' in text
+    assert 'stkpush_account_sending_paused_seconds{account="charlie"} 0.0' in text
 
 
 def find_one(payment_id: str) -> Payment:

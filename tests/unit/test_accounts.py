@@ -205,7 +205,10 @@ def test_a_bulk_turn_goes_to_another_accounts_batch_with_fewer_sends_in_flight()
     from worker.ledger import Batch, Payment, PaymentState
 
     add_account(runtime.engine(), runtime.settings(), "acme", [7001], TOKEN)
-    big, small = Batch(account="acct-env", source_name="big.csv"), Batch(account="acme", source_name="small.csv")
+    big, small = (
+        Batch(account="acct-env", source_name="big.csv"),
+        Batch(account="acme", source_name="small.csv"),
+    )
     with session_scope(runtime.engine()) as session:
         session.add_all([big, small])
         session.commit()
@@ -220,7 +223,10 @@ def test_a_bulk_turn_goes_to_another_accounts_batch_with_fewer_sends_in_flight()
                 batch_id=batch.id,
                 state=state,
             )
-            for batch, count, state in ((big, 3, PaymentState.AWAITING_CALLBACK), (big, 3, PaymentState.PENDING))
+            for batch, count, state in (
+                (big, 3, PaymentState.AWAITING_CALLBACK),
+                (big, 3, PaymentState.PENDING),
+            )
             for index in range(count)
         ] + [
             Payment(

@@ -152,23 +152,24 @@ def guard(ctx: click.Context) -> None:
 @guard.command(hidden=True)
 @click.argument("phone", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def show(phone: str | None = None, as_json: bool = False) -> None:
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def show(phone: str | None = None, as_json: bool = False, account: str | None = None) -> None:
     """Show the guard's view of the account, or of one number (always masked)."""
     from dataclasses import asdict
 
-    from worker import runtime
     from worker.guard import recovery
     from worker.phones import PhoneNumberError, normalise_phone
 
-    snapshot: dict[str, Any] = {"account": asdict(runtime.guard().account_snapshot())}
-    snapshot["account"]["rebuilt"] = recovery.has_state(runtime.guard())
+    guard = _account_guard(account)
+    snapshot: dict[str, Any] = {"account": asdict(guard.account_snapshot())}
+    snapshot["account"]["rebuilt"] = recovery.has_state(guard)
     if phone:
         try:
             canonical = normalise_phone(phone)
         except PhoneNumberError as error:
             fail(f"PHONE: {error}")
             return
-        phone_view = asdict(runtime.guard().phone_snapshot(canonical))
+        phone_view = asdict(guard.phone_snapshot(canonical))
         phone_view["phone"] = mask_phone(canonical)
         snapshot["phone"] = phone_view
     if as_json:
@@ -180,15 +181,28 @@ def show(phone: str | None = None, as_json: bool = False) -> None:
             click.echo(f"  {key:>22}: {value}")
 
 
-@guard.command()
-def rebuild() -> None:
-    """Rebuild the guard's state from the ledger now (admits refuse for the moment it takes)."""
-    from worker import reconcile, runtime
-    from worker.guard import GuardUnavailable
+def _account_guard(account: str | None) -> Any:
+    from worker import runtime
+    from worker.accounts import UnknownAccount
 
     try:
-        reconcile.rebuild_guard(force=True)
-        snapshot = runtime.guard().account_snapshot()
+        return runtime.guard_of(account)
+    except UnknownAccount as error:
+        fail(f"--account: {error.rule}")
+        raise  # pragma: no cover - fail() raises
+
+
+@guard.command()
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def rebuild(account: str | None) -> None:
+    """Rebuild the guard's state from the ledger now (admits refuse for the moment it takes)."""
+    from worker import reconcile
+    from worker.guard import GuardUnavailable
+
+    guard = _account_guard(account)
+    try:
+        reconcile.rebuild_guard(force=True, account=guard.account)
+        snapshot = guard.account_snapshot()
     except GuardUnavailable:
         fail("Redis does not answer: the guard cannot be rebuilt now", code=1)
         return
@@ -203,7 +217,8 @@ def rebuild() -> None:
 @click.option(
     "--by", "released_by", required=True, help="Who releases it (recorded in the ledger and the log)."
 )
-def release(phone: str, released_by: str) -> None:
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def release(phone: str, released_by: str, account: str | None) -> None:
     """Free a number held at its streak limit: its streak starts afresh and its waiting payments go out.
 
     UpesiPay documents no expiry for a streak: release a number only once the customer asked to be prompted
@@ -220,7 +235,7 @@ def release(phone: str, released_by: str) -> None:
     if not released_by.strip():
         fail("--by: must name who releases the number")
     try:
-        waiting = reconcile.release_phone(canonical, released_by.strip())
+        waiting = reconcile.release_phone(canonical, released_by.strip(), _account_guard(account).account)
     except GuardUnavailable:
         fail("Redis does not answer: the release is recorded and applies at the next rebuild", code=1)
         return
@@ -229,13 +244,14 @@ def release(phone: str, released_by: str) -> None:
 
 @guard.command()
 @click.option("--repair", is_flag=True, help="Also resolve reservations whose attempt has ended.")
-def verify(repair: bool) -> None:
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def verify(repair: bool, account: str | None) -> None:
     """Compare the guard's live state with what the ledger implies; exit 1 on drift."""
     from worker import reconcile
     from worker.guard import GuardUnavailable
 
     try:
-        drift = reconcile.verify_guard(repair=repair)
+        drift = reconcile.verify_guard(repair=repair, account=_account_guard(account).account)
     except GuardUnavailable:
         fail("Redis does not answer: the guard cannot be verified now", code=1)
         return
