@@ -179,7 +179,7 @@ def ensure_guard_state(account: str | None = None) -> bool:
         "guard for account %s has no state (Redis lost it): refusing sends until rebuilt", guard.account
     )
     lock = f"stkpush:{{{guard.account}}}:rebuild-lock"
-    client = runtime.redis_client()
+    client = runtime.guard_redis()
     if not client.set(lock, "1", nx=True, px=REBUILD_LOCK_MS):
         # Another process is rebuilding: wait a moment for it rather than refuse at once.
         for _ in range(REBUILD_WAIT_POLLS):

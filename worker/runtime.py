@@ -46,15 +46,18 @@ def redis_client() -> redis.Redis:
     )
 
 
-@lru_cache(maxsize=1)
 def guard_redis() -> redis.Redis:
     """The guard's Redis: REDIS_URL's unless GUARD_REDIS_URL points elsewhere (a Redis Cluster, say)."""
     url = settings().guard_redis_url
-    if not url:
-        return redis_client()
+    return _separate_guard_redis(url) if url else redis_client()
+
+
+@lru_cache(maxsize=1)
+def _separate_guard_redis(url: str) -> redis.Redis:
     if "+cluster://" in url:
         from redis.cluster import RedisCluster
 
+        # Every script of one account touches keys of one hash tag, hence one slot: legal on a cluster.
         cluster: redis.Redis = RedisCluster.from_url(  # type: ignore[assignment]
             url.replace("+cluster://", "://", 1), socket_connect_timeout=2, socket_timeout=5
         )
@@ -141,7 +144,7 @@ def reset() -> None:
     for cached in (
         engine,
         redis_client,
-        guard_redis,
+        _separate_guard_redis,
         _environment_account,
         guard,
         credentials_pause,
