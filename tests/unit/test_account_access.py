@@ -244,3 +244,14 @@ def test_every_callback_url_shape_has_its_signature_redacted_in_logs() -> None:
         signature = url.rsplit("/", 1)[1]
         text = redactor.redact(f"POST {url} 200")
         assert signature not in text and "p1.abcd/[signature]" in text
+
+
+def test_the_dashboard_switches_between_accounts(client: TestClient) -> None:
+    payment(client, B_KEY, "INV-DASH")
+    data = client.get("/dashboard/data?account=bravo").json()
+    assert data["account"] == "bravo" and data["accounts"] == ["acct-env", "alpha", "bravo"]
+    assert data["payments_total"] == 1
+    assert client.get("/dashboard/data").json()["payments_total"] == 0  # the environment's account
+    assert client.get("/dashboard/data?account=nobody").status_code == 404
+    page = client.get("/dashboard?account=bravo")
+    assert page.status_code == 200 and 'id="account-switch"' in page.text and '"account": "bravo"' in page.text
