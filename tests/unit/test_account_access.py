@@ -254,4 +254,6 @@ def test_the_dashboard_switches_between_accounts(client: TestClient) -> None:
     assert client.get("/dashboard/data").json()["payments_total"] == 0  # the environment's account
     assert client.get("/dashboard/data?account=nobody").status_code == 404
     page = client.get("/dashboard?account=bravo")
-    assert page.status_code == 200 and 'id="account-switch"' in page.text and '"account": "bravo"' in page.text
+    assert (
+        page.status_code == 200 and 'id="account-switch"' in page.text and '"account": "bravo"' in page.text
+    )

@@ -247,3 +247,28 @@ def test_a_bulk_turn_goes_to_another_accounts_batch_with_fewer_sends_in_flight()
         theirs = rows[-1]
     # The big batch of the environment's account has 3 sends in flight, acme's small one none: acme's row first.
     assert bulk_turns.candidates(own) == [theirs.id, own.id]
+
+
+def test_cli_batch_with_account_records_its_rows_in_that_account(tmp_path: Path) -> None:
+    from worker.ledger import Batch, Payment
+
+    add_account(runtime.engine(), runtime.settings(), "acme", [7001, 7002], TOKEN)
+    invoices = tmp_path / "invoices.csv"
+    invoices.write_text(
+        "external_reference,phone_number,amount,channel_id\nR1,0712345678,100,\nR2,0712345679,100,7002\n"
+        "R3,0712345670,100,2133\n"
+    )
+    result = CliRunner().invoke(main, ["batch", str(invoices), "--account", "acme", "--json"])
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["rows_recorded"] == 2 and report["rows_rejected"] == 1  # 2133 is not one of acme's channels
+    with session_scope(runtime.engine()) as session:
+        assert session.get(Batch, report["batch_id"]).account == "acme"  # type: ignore[union-attr]
+        rows = session.exec(select(Payment).order_by(Payment.external_reference)).all()
+    assert [(row.account, row.channel_id) for row in rows] == [("acme", 7001), ("acme", 7002)]
+    refused = CliRunner().invoke(main, ["batch", str(invoices), "--account", "nobody"])
+    assert refused.exit_code == 2 and "account: is not a configured account" in refused.output
+    status = CliRunner().invoke(main, ["batch-status", report["batch_id"], "--account", "acme", "--json"])
+    assert status.exit_code == 0 and json.loads(status.output)["rows_recorded"] == 2
+    assert (
+        CliRunner().invoke(main, ["batch-status", report["batch_id"]]).exit_code == 1
+    )  # not the env account's

@@ -104,13 +104,16 @@ def enqueue(
 @main.command()
 @click.argument("external_reference")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(external_reference: str, as_json: bool) -> None:
+@click.option("--account", default=None, help="The payment's account (default: UPESIPAY_ACCOUNT's).")
+def status(external_reference: str, as_json: bool, account: str | None) -> None:
     """Show one payment by its external reference."""
     from worker import runtime
     from worker.ledger import find_by_reference
     from worker.web.access import history_view
 
-    payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
+    payment = find_by_reference(
+        runtime.engine(), account or runtime.settings().upesipay_account, external_reference
+    )
     if payment is None:
         fail("no payment with that external_reference", code=1)
         return
