@@ -94,9 +94,10 @@ def _environment_account() -> AccountConfig:
     return environment_account(settings())
 
 
-def accounts() -> list[str]:
-    """Every enabled account's name, the environment's first: what beat's per-account passes walk."""
-    return account_names(engine(), settings())
+def accounts(*, include_disabled: bool = False) -> list[str]:
+    """Every enabled account's name (or every stored one's), the environment's first: what beat's per-account
+    passes walk."""
+    return account_names(engine(), settings(), enabled_only=not include_disabled)
 
 
 class PerAccount(Generic[T]):

@@ -188,8 +188,9 @@ def settle_due(limit: int = 200) -> int:
         rows = session.exec(
             select(Payment)
             .join(SendAttempt, col(SendAttempt.id) == col(Payment.guard_token))
-            # Every enabled account's, each asked with its own token (settle_payment).
-            .where(col(Payment.account).in_(runtime.accounts()))
+            # Every configured account's, each asked with its own token (settle_payment): a disabled account
+            # sends nothing new, but what it sent is still settled.
+            .where(col(Payment.account).in_(runtime.accounts(include_disabled=True)))
             .where(
                 (
                     (col(Payment.state) == PaymentState.AWAITING_CALLBACK)
