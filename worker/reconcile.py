@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import update
 from sqlmodel import col, select
@@ -29,6 +30,7 @@ from worker.guard import Decision, GuardLimits, GuardUnavailable, Lane, Outcome,
 from worker.guard_ledger import LedgerView, implied_image, ms_of
 from worker.ledger import (
     AttemptOutcome,
+    GuardBlock,
     Payment,
     PaymentState,
     PhoneRelease,
@@ -40,6 +42,7 @@ from worker.phones import mask_phone
 
 __all__ = [
     "Drift",
+    "accounts_to_verify",
     "admit",
     "ensure_guard_state",
     "keep_guard",
@@ -196,12 +199,55 @@ def ensure_guard_state(account: str | None = None) -> bool:
 def keep_guard(account: str | None = None) -> None:
     """Beat's dispatch tick: rebuild a forgotten state, then pay the resolves the ledger owes; for `account`, or
     (None) for every enabled account in turn, one account's trouble never stopping the next's."""
-    for name in [account] if account is not None else runtime.accounts():
+    if account is not None:
         try:
-            ensure_guard_state(name)
+            ensure_guard_state(account)
+            pay_owed(account=account)
+        except GuardUnavailable:
+            log.warning("guard of account %s unavailable: owed resolves wait for the next tick", account)
+        return
+    names = runtime.accounts()
+    for name in names:
+        try:
+            ensure_guard_state(name)  # one EXISTS unless the state is gone
+        except GuardUnavailable:
+            log.warning("guard of account %s unavailable: owed resolves wait for the next tick", name)
+    # The owed resolves of every account in one read; each is paid to its own account's guard.
+    for name in _accounts_owed(names):
+        try:
             pay_owed(account=name)
         except GuardUnavailable:
             log.warning("guard of account %s unavailable: owed resolves wait for the next tick", name)
+
+
+def _accounts_owed(names: list[str]) -> list[str]:
+    with session_scope(runtime.engine()) as session:
+        owed = set(
+            session.exec(
+                select(SendAttempt.account)
+                .where(col(SendAttempt.outcome).is_not(None), col(SendAttempt.guard_resolved_at).is_(None))
+                .distinct()
+            ).all()
+        )
+    return [name for name in names if name in owed]
+
+
+def accounts_to_verify() -> list[str]:
+    """The enabled accounts whose guard holds anything the ledger implies: an attempt in flight or ended within
+    the window, or a provider block not yet over. Others have nothing to compare (an account's whole state ages
+    out with its window), so a verify pass costs per active account, not per account configured."""
+    names = runtime.accounts()
+    # The window is the settings' for every account (UpesiPay's rule is the same for all).
+    horizon = utcnow() - timedelta(seconds=runtime.settings().account_window_s)
+    with session_scope(runtime.engine()) as session:
+        active = set(
+            session.exec(
+                select(SendAttempt.account)
+                .where(col(SendAttempt.outcome).is_(None) | (col(SendAttempt.outcome_at) > horizon))
+                .distinct()
+            ).all()
+        ) | set(session.exec(select(GuardBlock.account).where(col(GuardBlock.until) > utcnow())).all())
+    return [name for name in names if name in active or name == names[0]]
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker import batch_events, dispatch, other_channels, reconcile, runtime, settlement
+from worker import batch_events, dispatch, other_channels, reconcile, settlement
 from worker.sending import send_payment
 from worker.webhooks import delivery, outbox, release
 
@@ -46,7 +46,9 @@ def count_other_channels() -> int:
 
 @shared_task(name="stkpush.dispatch.verify_guard", ignore_result=True)
 def verify_guard() -> int:
-    return sum(reconcile.verify_guard(repair=True, account=name).count for name in runtime.accounts())
+    return sum(
+        reconcile.verify_guard(repair=True, account=name).count for name in reconcile.accounts_to_verify()
+    )
 
 
 @shared_task(name="stkpush.dispatch.release_webhooks", ignore_result=True)

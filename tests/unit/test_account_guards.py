@@ -81,3 +81,14 @@ def test_a_rebuild_and_a_verify_of_one_account_read_its_attempts_only() -> None:
     assert reconcile.verify_guard(account="acme").count == 0
     assert reconcile.verify_guard().count == 0
     assert reconcile.last_drift("acme") == 0
+
+
+def test_beat_passes_touch_only_accounts_with_work() -> None:
+    from worker import dispatch
+
+    for index in range(5):
+        add_account(runtime.engine(), runtime.settings(), f"idle-{index}", [7001], "tok_idle_value")
+    failed_send("acme", "R1", "254712000001")
+    assert reconcile._accounts_owed(runtime.accounts()) == ["acme"]
+    assert reconcile.accounts_to_verify() == ["acct-env", "acme"]
+    assert dispatch._accounts_with_due_rows() == []
