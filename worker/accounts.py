@@ -13,7 +13,9 @@ failures on its own, so one account's limits say nothing about another's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +32,15 @@ __all__ = [
     "AccountConfig",
     "AccountError",
     "UnknownAccount",
+    "account_for_api_key",
     "account_names",
     "account_view",
     "add_account",
+    "any_account_key",
     "environment_account",
     "list_accounts",
     "load_account",
+    "new_api_key",
     "rotate_key",
     "update_account",
 ]
@@ -155,6 +160,48 @@ def list_accounts(engine: Engine, settings: Settings) -> list[dict[str, Any]]:
     with session_scope(engine) as session:
         rows = session.exec(select(Account).order_by(col(Account.name))).all()
     return [account_view(environment_account(settings))] + [account_view(row) for row in rows]
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_api_key(engine: Engine, settings: Settings, name: str) -> str:
+    """A fresh API key for stored account `name` (replacing its old one); returned once, only its hash kept."""
+    if name == settings.upesipay_account:
+        raise AccountError("name", "is the environment's account: its keys are API_KEYS")
+    key = f"sk_{name}_" + secrets.token_urlsafe(24)
+    with session_scope(engine) as session:
+        row = session.get(Account, name) if ACCOUNT_NAME.fullmatch(name or "") else None
+        if row is None:
+            raise UnknownAccount(name)
+        row.api_key_hash = _key_hash(key)
+        row.updated_at = utcnow()
+        session.add(row)
+        session.commit()
+    return key
+
+
+def account_for_api_key(engine: Engine, key: str) -> str | None:
+    """The enabled stored account whose API key this is, or None. Looked up by the key's hash: the time taken
+    says nothing about how close a wrong key is."""
+    if not key:
+        return None
+    with session_scope(engine) as session:
+        row = session.exec(
+            select(Account.name).where(
+                col(Account.api_key_hash) == _key_hash(key), col(Account.disabled).is_(False)
+            )
+        ).first()
+    return row
+
+
+def any_account_key(engine: Engine) -> bool:
+    with session_scope(engine) as session:
+        return (
+            session.exec(select(Account.name).where(col(Account.api_key_hash).is_not(None)).limit(1)).first()
+            is not None
+        )
 
 
 def _check_name(name: object, settings: Settings) -> str:

@@ -244,6 +244,9 @@ class Account(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     token_updated_at: datetime = Field(default_factory=utcnow)
+    # SHA-256 of the account's own API key (`stkpush account add` shows the key once): the key itself is never
+    # stored. A key found here acts for this account only (worker/web/access.py).
+    api_key_hash: str | None = Field(default=None, max_length=64, unique=True, index=True)
 
 
 def make_engine(database_url: str) -> Engine:

@@ -37,8 +37,10 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.Column("token_updated_at", UTCDateTime(), nullable=False),
+        sa.Column("api_key_hash", AutoString(length=64), nullable=True),
         sa.PrimaryKeyConstraint("name"),
     )
+    op.create_index("ix_account_api_key_hash", "account", ["api_key_hash"], unique=True)
 
 
 def downgrade() -> None:

@@ -257,3 +257,27 @@ def test_the_dashboard_switches_between_accounts(client: TestClient) -> None:
     assert (
         page.status_code == 200 and 'id="account-switch"' in page.text and '"account": "bravo"' in page.text
     )
+
+
+def test_a_stored_accounts_own_api_key_acts_for_it_only(client: TestClient) -> None:
+    body = {"name": "charlie", "channel_ids": [9001], "token": "tok_charlie_value"}
+    created = client.post("/accounts", json=body, headers=key(ADMIN_KEY)).json()
+    charlie_key = created["api_key"]
+    assert payment(client, charlie_key, "INV-CH")["account"] == "charlie"
+    assert client.get("/payments/INV-CH", headers=key(charlie_key)).status_code == 200
+    refused = client.post(
+        "/payments",
+        json={
+            "amount": 100,
+            "phone_number": "0712345678",
+            "external_reference": "INV-CX",
+            "account": "bravo",
+        },
+        headers=key(charlie_key),
+    )
+    assert refused.status_code == 403
+    assert client.get("/accounts", headers=key(charlie_key)).status_code == 403
+    assert "api_key" not in client.get("/accounts", headers=key(ADMIN_KEY)).text
+    # Disabled: its key no longer opens anything.
+    client.patch("/accounts/charlie", json={"disabled": True}, headers=key(ADMIN_KEY))
+    assert client.get("/payments/INV-CH", headers=key(charlie_key)).status_code == 401

@@ -272,3 +272,17 @@ def test_cli_batch_with_account_records_its_rows_in_that_account(tmp_path: Path)
     assert (
         CliRunner().invoke(main, ["batch-status", report["batch_id"]]).exit_code == 1
     )  # not the env account's
+
+
+def test_cli_add_shows_the_accounts_api_key_once_and_stores_only_its_hash() -> None:
+    from worker.accounts import account_for_api_key
+
+    added = CliRunner().invoke(main, ["account", "add", "acme", "--channels", "7001"], input=TOKEN + "\n")
+    assert added.exit_code == 0, added.output
+    api_key = json.loads(added.stdout.strip().splitlines()[-1])["api_key"]
+    assert account_for_api_key(runtime.engine(), api_key) == "acme"
+    assert stored_row("acme").api_key_hash not in (None, api_key)
+    renewed = CliRunner().invoke(main, ["account", "api-key", "acme"])
+    assert renewed.exit_code == 0
+    assert account_for_api_key(runtime.engine(), api_key) is None  # the old key stopped working
+    assert account_for_api_key(runtime.engine(), renewed.stdout.strip()) == "acme"

@@ -67,10 +67,12 @@ def account_command() -> None:
 @click.argument("name")
 @click.option("--channels", required=True, help="Comma-separated channel ids; the first is the default.")
 @click.option("--token-env", default=None, help="Read the token from this environment variable.")
+@click.option("--api-key/--no-api-key", "with_key", default=True, help="Also make its API key (shown once).")
 @_limit_options
-def add(name: str, channels: str, token_env: str | None, **limits: int | None) -> None:
-    """Add account NAME. The token comes from --token-env, stdin, or a hidden prompt."""
-    from worker.accounts import AccountError, add_account
+def add(name: str, channels: str, token_env: str | None, with_key: bool, **limits: int | None) -> None:
+    """Add account NAME. The token comes from --token-env, stdin, or a hidden prompt. Prints the account and
+    (unless --no-api-key) its own API key, shown this once."""
+    from worker.accounts import AccountError, add_account, new_api_key
 
     engine, settings = _context()
     token = _read_token(token_env)
@@ -86,7 +88,25 @@ def add(name: str, channels: str, token_env: str | None, **limits: int | None) -
     except AccountError as error:
         _fail(str(error))
         return
+    if with_key:
+        view["api_key"] = new_api_key(engine, settings, name)
+        click.echo(
+            "Keep the API key: it is shown only now (`stkpush account api-key` makes a new one).", err=True
+        )
     click.echo(json.dumps(view))
+
+
+@account_command.command("api-key")
+@click.argument("name")
+def api_key(name: str) -> None:
+    """Make a new API key for account NAME (the old one stops working); shown this once."""
+    from worker.accounts import AccountError, new_api_key
+
+    engine, settings = _context()
+    try:
+        click.echo(new_api_key(engine, settings, name))
+    except AccountError as error:
+        _fail(str(error))
 
 
 @account_command.command("list")

@@ -10,7 +10,7 @@ from fastapi import Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from worker import runtime
-from worker.accounts import ACCOUNT_NAME
+from worker.accounts import ACCOUNT_NAME, account_for_api_key, any_account_key
 from worker.attempts import attempts_of
 from worker.ledger import Payment
 from worker.phones import mask_phone
@@ -120,17 +120,21 @@ def parse_api_keys(configured: list[str], default_account: str) -> list[tuple[st
 def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> ApiCaller:
     settings = runtime.settings()
     keys = parse_api_keys(settings.api_key_list(), settings.upesipay_account)
-    if not keys:
-        raise HTTPException(503, detail="the payments API is disabled: set API_KEYS")
     presented = (x_api_key or "").encode()
     # Compare against every key without stopping early: the time taken says nothing about which key is close.
     matched: ApiCaller | None = None
     for key, account in keys:
         if hmac.compare_digest(presented, key.encode()) and matched is None:
             matched = ApiCaller(account)
-    if matched is None:
-        raise HTTPException(401, detail="missing or wrong X-API-Key")
-    return matched
+    if matched is not None:
+        return matched
+    # A stored account's own key (`stkpush account add` / `api-key`), found by its hash.
+    stored = account_for_api_key(runtime.engine(), x_api_key or "") if x_api_key else None
+    if stored is not None:
+        return ApiCaller(stored)
+    if not keys and not any_account_key(runtime.engine()):
+        raise HTTPException(503, detail="the payments API is disabled: set API_KEYS")
+    raise HTTPException(401, detail="missing or wrong X-API-Key")
 
 
 def require_admin(caller: Annotated[ApiCaller, Depends(require_api_key)]) -> ApiCaller:

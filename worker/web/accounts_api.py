@@ -18,6 +18,7 @@ from worker.accounts import (
     UnknownAccount,
     add_account,
     list_accounts,
+    new_api_key,
     update_account,
 )
 from worker.web.access import require_admin
@@ -102,6 +103,10 @@ async def post_account(request: Request) -> JSONResponse:
                 document.get("token"),
                 _limits(document),
             )
+        )
+        # The account's own API key, in this answer only (its hash is stored).
+        view["api_key"] = await run_in_threadpool(
+            lambda: new_api_key(runtime.engine(), runtime.settings(), view["name"])
         )
     except AccountError as error:
         return _problem(error)
