@@ -29,6 +29,8 @@ log = logging.getLogger("stkpush.sending")
 
 # Refusals during which a rebuild may be reading the ledger: the attempt is released rather than just refused.
 UNSURE_REFUSALS = frozenset({RefusalReason.GUARD_REBUILDING, RefusalReason.GUARD_UNAVAILABLE})
+# How many times a bulk message asks for its turn when racing turns took every candidate it was given.
+BULK_TURN_ROUNDS = 3
 # When UpesiPay says "rate limited" without a Retry-After, wait this long before asking again.
 DEFAULT_RATE_LIMIT_WAIT_S = 60.0
 
@@ -103,18 +105,27 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         log.warning("stk_push for unknown payment %s: nothing to do", payment_id)
         return SendResult.MISSING, None
     # A batch row's message is a turn of the bulk lane: it may send another batch's row (worker.bulk_turns).
-    turns = bulk_turns.candidates(payment) if payment.queue == "bulk" else [payment.id]
-    for candidate_id in turns:
-        candidate = payment if candidate_id == payment.id else get_payment(engine, candidate_id)
-        if candidate is None:
-            continue
-        done, claimed = _claim(candidate)
-        if done is not None:
-            return done, None
-        if claimed is not None:
-            payment, token = candidate, claimed
+    own = payment
+    token: str | None = None
+    # A bulk message whose candidates were all claimed by racing turns meanwhile (its own row taken by another
+    # batch's turn, that turn's target by a third) asks for the turns again: else a row of another batch would be
+    # left PENDING without a message until requeue_stale_pending, minutes later.
+    for _round in range(BULK_TURN_ROUNDS if own.queue == "bulk" else 1):
+        current = own if _round == 0 else get_payment(engine, own.id) or own
+        turns = bulk_turns.candidates(current) if own.queue == "bulk" else [own.id]
+        for candidate_id in turns:
+            candidate = current if candidate_id == own.id else get_payment(engine, candidate_id)
+            if candidate is None:
+                continue
+            done, claimed = _claim(candidate)
+            if done is not None:
+                return done, None
+            if claimed is not None:
+                payment, token = candidate, claimed
+                break
+        if token is not None:
             break
-    else:
+    if token is None:
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 
