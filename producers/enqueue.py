@@ -10,12 +10,14 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from producers.validation import (
+    FieldError,
     PaymentRequest,
     PaymentValidationError,
     expires_in_error,
     validate_payment,
 )
 from worker import runtime
+from worker.accounts import ACCOUNT_NAME, AccountConfig, UnknownAccount
 from worker.dispatch import publish_payment
 from worker.ledger import (
     Payment,
@@ -29,6 +31,21 @@ from worker.migrations import migration_problem
 from worker.phones import mask_phone
 
 log = logging.getLogger("stkpush.producers")
+
+
+def resolve_account(account: Any) -> AccountConfig:
+    """The account a producer names (None: the environment's), or PaymentValidationError naming `account`."""
+    if account is not None and (not isinstance(account, str) or not ACCOUNT_NAME.fullmatch(account)):
+        raise PaymentValidationError(
+            [FieldError("account", "must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'")]
+        )
+    try:
+        config = runtime.account(account)
+    except UnknownAccount:
+        raise PaymentValidationError([FieldError("account", "is not a configured account")]) from None
+    if config.disabled:
+        raise PaymentValidationError([FieldError("account", "is disabled: nothing is sent for it")])
+    return config
 
 
 class PaymentConflictError(ValueError):
@@ -75,12 +92,16 @@ def enqueue_payment(
     *,
     queue: str = "single",
     expires_in: Any = None,
+    account: Any = None,
 ) -> PaymentHandle:
     """Record one payment request and queue its STK push; idempotent per external_reference.
 
     `expires_in`: seconds the prompt is worth sending for (a customer leaves a checkout); past it, a payment not
     yet sent ends EXPIRED. None: INTERACTIVE_EXPIRES_IN_S for single payments, no deadline for bulk ones. A
     repeated request keeps the first request's deadline.
+
+    `account`: the UpesiPay account it is collected through (worker/accounts.py); None: the environment's. Its
+    channel_id, when given, must be one of the account's channels (any, for the environment's account).
 
     Raises PaymentValidationError (every bad field named) or PaymentConflictError. When Redis can't be reached
     the payment stays recorded as PENDING and the handle says `queued=False`.
@@ -105,8 +126,11 @@ def enqueue_payment(
         raise PaymentValidationError([deadline_error])
     if expires_in is None and queue == "single":
         expires_in = settings.interactive_expires_in_s
-    account = settings.upesipay_account
-    channel = request.channel_id or settings.upesipay_channel_id
+    config = resolve_account(account)
+    account = config.name
+    channel = request.channel_id or config.default_channel
+    if not config.allows_channel(channel):
+        raise PaymentValidationError([FieldError("channel_id", "must be one of the account's channel ids")])
     reference = request.external_reference or new_external_reference()
     engine = runtime.engine()
     payment = Payment(

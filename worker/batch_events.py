@@ -34,16 +34,18 @@ def dedup_key(batch_id: str) -> str:
 
 def emit_finished_batches(limit: int = TICK_LIMIT) -> int:
     """Write `batch.finished` for each ingested batch whose payments have all ended; returns how many."""
-    settings = runtime.settings()
     in_flight = [state for state in PaymentState if state not in TERMINAL_STATES]
     prefix = literal(f"{EventType.BATCH_FINISHED.value}:", String)
     with runtime.engine().connect() as connection:
         batches = connection.execute(
             select(
-                col(Batch.id), col(Batch.source_name), col(Batch.rows_recorded), col(Batch.amount_requested)
+                col(Batch.id),
+                col(Batch.source_name),
+                col(Batch.rows_recorded),
+                col(Batch.amount_requested),
+                col(Batch.account),
             )
             .where(
-                col(Batch.account) == settings.upesipay_account,
                 col(Batch.state) == BatchState.INGESTED,
                 ~exists().where(col(Payment.batch_id) == col(Batch.id), col(Payment.state).in_(in_flight)),
                 ~exists().where(col(Event.dedup_key) == prefix.concat(col(Batch.id))),
@@ -51,9 +53,9 @@ def emit_finished_batches(limit: int = TICK_LIMIT) -> int:
             .order_by(col(Batch.created_at))
             .limit(limit)
         ).all()
-    committed = [
-        event for batch in batches if (event := _write(batch, settings.upesipay_account)) is not None
-    ]
+    # Every account's batches: each event carries its batch's account (its webhooks and `?wait=` are that
+    # account's).
+    committed = [event for batch in batches if (event := _write(batch, batch.account)) is not None]
     announce(committed)
     return len(committed)
 

@@ -6,7 +6,8 @@ fewest sends in flight, which is the message's own row whenever its batch is amo
 Each message still takes exactly one PENDING row out of waiting (its own, or another batch's whose own message
 will then take another), so every row keeps a message; a row whose messages were all spent on others (two workers
 racing for one row) is queued again by the dispatcher (`requeue_stale_pending`). The dispatcher's releases of
-DEFERRED rows use the same rule (`worker.dispatch._bulk_turns`).
+DEFERRED rows use the same rule (`worker.dispatch._bulk_turns`). The turns are shared across accounts as well:
+a bulk message of one account's batch may send another account's row.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def candidates(payment: Payment) -> list[str]:
     with session_scope(runtime.engine()) as session:
         batches = session.exec(
             select(Batch.id)
-            .where(Batch.account == payment.account, col(Batch.created_at) >= since)
+            # Every account's batches: the bulk queue is shared by the accounts too, so one merchant's 100k-row
+            # batch can't hold the workers from another's. The row sent is checked against its own account's
+            # guard and sent with its own token (worker.sending resolves both from the row).
+            .where(col(Batch.created_at) >= since)
             .where(col(Batch.paused_at).is_(None))
             .order_by(col(Batch.created_at))
             .limit(BATCHES_COMPARED)

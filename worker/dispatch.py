@@ -12,7 +12,7 @@ from sqlalchemy import case, func
 from sqlmodel import col, select
 
 from worker import bulk_order, runtime
-from worker.guard import AccountSnapshot, RefusalReason
+from worker.guard import AccountSnapshot, GuardUnavailable, RefusalReason
 from worker.ledger import WAITING_STATES, Payment, PaymentState, mark, session_scope, transition, utcnow
 
 log = logging.getLogger("stkpush.dispatch")
@@ -83,15 +83,53 @@ def expire_overdue() -> int:
     return expired
 
 
-def release_deferred() -> int:
+def release_deferred(account: str | None = None) -> int:
     """Expire what is past its deadline, then release due DEFERRED payments lane by lane: single payments within
-    the account's headroom, then batch rows within the bulk lane's (shared by batch, docs/guard.md "Lanes")."""
+    the account's headroom, then batch rows within the bulk lane's (shared by batch, docs/guard.md "Lanes").
+
+    Each account is released within its own guard's headroom; None walks every enabled account in turn, so one
+    account's backlog or restriction takes nothing from another's."""
     expire_overdue()
-    snapshot = runtime.guard().account_snapshot()
+    if account is not None:
+        return _release_deferred_of(account)
+    released = 0
+    for name in _accounts_with_due_rows():
+        try:
+            released += _release_deferred_of(name)
+        except GuardUnavailable:
+            log.warning("guard of account %s unavailable: its deferred payments wait for the next tick", name)
+    return released
+
+
+def _accounts_with_due_rows() -> list[str]:
+    """The enabled accounts with DEFERRED rows the dispatcher may release now (one query), the environment's
+    first: a tick costs a guard read per account with work, not per account configured."""
+    with session_scope(runtime.engine()) as session:
+        due = set(
+            session.exec(
+                select(Payment.account)
+                .where(
+                    bulk_order.current().releasable(
+                        (col(Payment.state) == PaymentState.DEFERRED)
+                        & (col(Payment.next_attempt_at) <= utcnow())
+                    )
+                )
+                .distinct()
+            ).all()
+        )
+    return [name for name in runtime.accounts() if name in due] if due else []
+
+
+def _release_deferred_of(account: str) -> int:
+    snapshot = runtime.guard_of(account).account_snapshot()
     if snapshot.headroom <= 0:
         return 0
     now = utcnow()
-    due = (col(Payment.state) == PaymentState.DEFERRED) & (col(Payment.next_attempt_at) <= now)
+    due = (
+        (col(Payment.state) == PaymentState.DEFERRED)
+        & (col(Payment.next_attempt_at) <= now)
+        & (col(Payment.account) == account)
+    )
     with session_scope(runtime.engine()) as session:
         singles = session.exec(
             select(Payment.id)
@@ -102,12 +140,14 @@ def release_deferred() -> int:
     released = sum(_release(payment_id, "single") for payment_id in singles)
     # Each single payment just released will hold a reservation the bulk lane counts too.
     bulk_room = min(snapshot.bulk_headroom - len(singles), TICK_LIMIT)
-    releasable = bulk_order.current().releasable(due)
+    # The order may widen `due` (rows waiting only for the lane or the budget): keep it to this account's rows.
+    releasable = bulk_order.current().releasable(due) & (col(Payment.account) == account)
     released += sum(_release(payment_id, "bulk") for payment_id in _bulk_turns(releasable, bulk_room))
     if released:
         log.info(
-            "released %d deferred payments (headroom %d, bulk %d)",
+            "released %d deferred payments of account %s (headroom %d, bulk %d)",
             released,
+            account,
             snapshot.headroom,
             snapshot.bulk_headroom,
         )
@@ -157,24 +197,31 @@ def _bulk_turns(condition: Any, room: int) -> list[str]:
     return ids
 
 
-def release_freed(phone: str) -> bool:
+def release_freed(phone: str, account: str | None = None) -> bool:
     """A resolve just freed a reservation: release, without waiting for beat's next tick, the one payment it
     most likely unblocks: the oldest waiting only for this number to be free, else (while the account has
     headroom) the oldest single payment waiting for the budget, else (while the bulk lane has room) the next
-    batch row waiting for the budget or the bulk lane, by batch turn."""
-    waiting_for_phone = (col(Payment.phone) == phone) & (
-        col(Payment.reason) == guard_refusal_reason(RefusalReason.PHONE_BUSY)
+    batch row waiting for the budget or the bulk lane, by batch turn. All within `account` (None: the
+    environment's): a resolve frees room in its own account's guard only."""
+    name = runtime.account(account).name
+    ours = col(Payment.account) == name
+    waiting_for_phone = (
+        ours
+        & (col(Payment.phone) == phone)
+        & (col(Payment.reason) == guard_refusal_reason(RefusalReason.PHONE_BUSY))
     )
     if _release_oldest(waiting_for_phone):
         return True
-    snapshot: AccountSnapshot = runtime.guard().account_snapshot()
+    snapshot: AccountSnapshot = runtime.guard_of(name).account_snapshot()
     if snapshot.headroom <= 0:
         return False
-    waiting_for_budget = col(Payment.reason) == guard_refusal_reason(RefusalReason.ACCOUNT_BUDGET)
+    waiting_for_budget = ours & (col(Payment.reason) == guard_refusal_reason(RefusalReason.ACCOUNT_BUDGET))
     if _release_oldest(waiting_for_budget & (col(Payment.queue) == "single")):
         return True
-    waiting_for_lane = (col(Payment.state) == PaymentState.DEFERRED) & (
-        waiting_for_budget | (col(Payment.reason) == guard_refusal_reason(RefusalReason.BULK_LANE_FULL))
+    waiting_for_lane = (
+        (col(Payment.state) == PaymentState.DEFERRED)
+        & ours
+        & (waiting_for_budget | (col(Payment.reason) == guard_refusal_reason(RefusalReason.BULK_LANE_FULL)))
     )
     return any(
         _release(payment_id, "bulk")

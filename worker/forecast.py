@@ -23,6 +23,8 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlmodel import col
 
+from worker import runtime
+from worker.accounts import UnknownAccount
 from worker.ledger import (
     WAITING_STATES,
     AttemptOutcome,
@@ -160,6 +162,7 @@ class BatchForecast:
     failure_rate: float
     prompt_s: float
     finish_at: datetime | None
+    account: str = ""  # the batch's account, whose own limits the forecast used
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -204,6 +207,7 @@ def batch_forecast(
     ]
     prompt_s = sum(durations) / len(durations) if durations else DEFAULT_PROMPT_S
     account, reprompt_max, reprompt_after_s = batch
+    settings = _with_account_limits(settings, account)
     per_row = sum(rate**k for k in range(int(reprompt_max or 0) + 1))
     budget = budget_forecast(engine, account, settings, now)
     finish = project_finish(
@@ -219,7 +223,17 @@ def batch_forecast(
     if finish is not None and remaining and reprompt_max and reprompt_after_s:
         # The last row's last re-prompt comes at least this long after its first prompt.
         finish = max(finish, now + timedelta(seconds=int(reprompt_after_s) * min(per_row - 1, reprompt_max)))
-    return BatchForecast(int(remaining), len(ended), rate, prompt_s, finish)
+    return BatchForecast(int(remaining), len(ended), rate, prompt_s, finish, account)
+
+
+def _with_account_limits(settings: Settings, account: str) -> Settings:
+    """`settings` with a stored account's own limits (the environment's account and an unknown one: as given)."""
+    if account == settings.upesipay_account:
+        return settings
+    try:
+        return runtime.account(account).with_limits(settings)
+    except UnknownAccount:
+        return settings
 
 
 def describe_budget(forecast: BudgetForecast, now: datetime | None = None) -> list[str]:

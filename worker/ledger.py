@@ -267,6 +267,29 @@ class UnknownLookup(SQLModel, table=True):
     asked_at: datetime = Field(default_factory=utcnow)
 
 
+class Account(SQLModel, table=True):
+    """An UpesiPay account of a merchant (worker/accounts.py): its channels, its own limits (None: the settings'),
+    and its token, encrypted under ACCOUNT_TOKEN_KEY (worker/secrets_box.py). The environment's account
+    (UPESIPAY_ACCOUNT) is not stored here: it stays configured by the settings."""
+
+    __tablename__ = "account"
+
+    name: str = Field(primary_key=True, max_length=64)
+    channel_ids: str = Field(max_length=255)  # comma-separated; the first is the default channel
+    token_ciphertext: str = Field(max_length=2048)  # Fernet; never decrypted outside worker.accounts
+    phone_streak_limit: int | None = None
+    account_failure_limit: int | None = None
+    interactive_reserve: int | None = None
+    bulk_max_inflight: int | None = None
+    disabled: bool = False  # nothing is enqueued or sent for it; its rows wait
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    token_updated_at: datetime = Field(default_factory=utcnow)
+    # SHA-256 of the account's own API key (`stkpush account add` shows the key once): the key itself is never
+    # stored. A key found here acts for this account only (worker/web/access.py).
+    api_key_hash: str | None = Field(default=None, max_length=64, unique=True, index=True)
+
+
 def make_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":

@@ -32,7 +32,11 @@ _PHONE = re.compile(
     r"(?<![0-9A-Za-z.])(?:\+?254[ -]?|0)?[17][0-9]{2}[ -]?[0-9]{3}[ -]?[0-9]{3}(?![0-9A-Za-z])"
 )
 # The callback URL's last segment is an HMAC that lets anyone post an outcome for that payment.
-_CALLBACK_SIGNATURE = re.compile(r"(/callbacks/upesipay/[0-9A-Za-z]+/)[^/\s\"'?#]+")
+# The signature is the last segment of every callback URL shape: /{payment}/{sig}, /attempts/{attempt}/{sig} and
+# /accounts/{account}/attempts/{attempt}/{sig}.
+_CALLBACK_SIGNATURE = re.compile(
+    r"(/callbacks/upesipay/(?:accounts/[0-9A-Za-z_.-]+/)?(?:attempts/)?[0-9A-Za-z_.-]+/)[^/\s\"'?#]+"
+)
 # A run of URL text holding percent escapes (an access log's raw path): `%2B254733445566`, `0733%20445%20567`.
 _PERCENT_ENCODED = re.compile(r"[^\s\"'<>]*%[0-9A-Fa-f]{2}[^\s\"'<>]*")
 # Enough to undo double encoding (`%252B`), not so many that a crafted line costs much.

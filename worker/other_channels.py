@@ -44,21 +44,26 @@ def _status_key(account: str) -> str:
     return f"stkpush:{{{account}}}:oc"
 
 
-def count_other_channel_failures() -> int:
+def count_other_channel_failures(account: str | None = None) -> int:
     """One pass: read the list, record what is new, tell the guard what it has not confirmed. Returns how many
-    failures the guard counted in this pass."""
+    failures the guard counted in this pass. For `account`, or (None) for every enabled account, each reading
+    its own transactions list with its own token."""
+    if account is None:
+        return sum(count_other_channel_failures(name) for name in runtime.accounts())
     settings = runtime.settings()
-    pushes, problem = runtime.upesipay().recent_failed_pushes(max_pages=settings.other_channels_pages)
-    _note_reading(settings.upesipay_account, problem, len(pushes))
+    pushes, problem = runtime.upesipay_of(account).recent_failed_pushes(
+        max_pages=settings.other_channels_pages
+    )
+    _note_reading(account, problem, len(pushes))
     if problem is not None:
         log.warning("transactions list not read (%s): failures from other channels are not counted", problem)
-    recorded = _record_new(settings.upesipay_account, pushes, settings.account_window_s)
+    recorded = _record_new(account, pushes, runtime.guard_of(account).limits.account_window_s)
     if recorded:
         log.warning("%d failed pushes from other channels counted against the failure budget", recorded)
-    return tell_guard_owed()
+    return tell_guard_owed(account)
 
 
-def _record_new(account: str, pushes: list[ListedPush], window_s: int) -> int:
+def _record_new(account: str, pushes: list[ListedPush], window_s: float) -> int:
     now = utcnow()
     horizon = now - timedelta(seconds=window_s)
     # A push without a readable time is taken as failing now: it then counts a little longer, never shorter.
@@ -105,26 +110,26 @@ def _record_new(account: str, pushes: list[ListedPush], window_s: int) -> int:
         return int(connection.execute(insert_ignoring_conflicts(connection, table), rows).rowcount or 0)
 
 
-def tell_guard_owed() -> int:
+def tell_guard_owed(account: str | None = None) -> int:
     """Count in the guard every recorded failure inside the window it has not confirmed yet."""
-    settings = runtime.settings()
-    horizon = utcnow() - timedelta(seconds=settings.account_window_s)
+    guard = runtime.guard_of(account)
+    horizon = utcnow() - timedelta(seconds=guard.limits.account_window_s)
     with session_scope(runtime.engine()) as session:
         owed = session.exec(
             select(ExternalFailure.provider_reference, ExternalFailure.failed_at).where(
-                ExternalFailure.account == settings.upesipay_account,
+                ExternalFailure.account == guard.account,
                 col(ExternalFailure.guard_told_at).is_(None),
                 col(ExternalFailure.failed_at) > horizon,
             )
         ).all()
-    guard, counted = runtime.guard(), 0
+    counted = 0
     for reference, failed_at in owed:
         counted += guard.count_external_failure(reference, failed_at.timestamp())
         with runtime.engine().begin() as connection:
             connection.execute(
                 update(ExternalFailure)
                 .where(
-                    col(ExternalFailure.account) == settings.upesipay_account,
+                    col(ExternalFailure.account) == guard.account,
                     col(ExternalFailure.provider_reference) == reference,
                 )
                 .values(guard_told_at=utcnow())

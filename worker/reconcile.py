@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import update
 from sqlmodel import col, select
@@ -29,6 +30,7 @@ from worker.guard import Decision, GuardLimits, GuardUnavailable, Lane, Outcome,
 from worker.guard_ledger import LedgerView, implied_image, ms_of
 from worker.ledger import (
     AttemptOutcome,
+    GuardBlock,
     Payment,
     PaymentState,
     PhoneRelease,
@@ -40,6 +42,7 @@ from worker.phones import mask_phone
 
 __all__ = [
     "Drift",
+    "accounts_to_verify",
     "admit",
     "ensure_guard_state",
     "keep_guard",
@@ -75,28 +78,33 @@ _GUARD_CALL = {
 }
 
 
-def admit(phone: str, token: str, lane: Lane = Lane.INTERACTIVE) -> Decision:
-    """guard.admit, rebuilding the state first when it is gone (then asking once more)."""
-    guard = runtime.guard()
+def admit(phone: str, token: str, lane: Lane = Lane.INTERACTIVE, account: str | None = None) -> Decision:
+    """guard.admit (of `account`, None: the environment's), rebuilding the state first when it is gone (then
+    asking once more)."""
+    guard = runtime.guard_of(account)
     decision = guard.admit(phone, token, lane)
     if decision.reason == RefusalReason.GUARD_REBUILDING:
         try:
-            if ensure_guard_state():
+            if ensure_guard_state(account):
                 decision = guard.admit(phone, token, lane)
         except GuardUnavailable:
             pass
     return decision
 
 
-def tell_guard(attempt_id: str, outcome: AttemptOutcome) -> bool:
-    """Resolve the attempt's reservation as the ledger says it ended, then note that the guard knows.
+def tell_guard(attempt_id: str, outcome: AttemptOutcome, account: str | None = None) -> bool:
+    """Resolve the attempt's reservation as the ledger says it ended, then note that the guard knows. The guard
+    is the attempt's account's (read from the ledger unless the caller knows it).
 
     False (the resolve stays owed, beat retries it) when Redis could not be reached."""
     if outcome == AttemptOutcome.REFUSED:
         mark_guard_told(runtime.engine(), attempt_id)
         return True
     fail_point("before-resolve")
-    guard = runtime.guard()
+    if account is None:
+        attempt = get_attempt(runtime.engine(), attempt_id)
+        account = attempt.account if attempt is not None else None
+    guard = runtime.guard_of(account)
     try:
         guard.resolve(attempt_id, _GUARD_CALL[outcome])
         if outcome == AttemptOutcome.REVERTED:
@@ -108,9 +116,10 @@ def tell_guard(attempt_id: str, outcome: AttemptOutcome) -> bool:
     return True
 
 
-def pay_owed(limit: int = OWED_LIMIT) -> int:
-    """Resolve every ended attempt the guard was not told about, oldest first; returns how many were paid."""
-    account = runtime.settings().upesipay_account
+def pay_owed(limit: int = OWED_LIMIT, account: str | None = None) -> int:
+    """Resolve every ended attempt of `account` the guard was not told about, oldest first; returns how many
+    were paid."""
+    account = runtime.account(account).name
     with session_scope(runtime.engine()) as session:
         rows = session.exec(
             select(SendAttempt.id, SendAttempt.outcome)
@@ -124,30 +133,30 @@ def pay_owed(limit: int = OWED_LIMIT) -> int:
         ).all()
     paid = 0
     for attempt_id, outcome in rows:
-        if outcome is not None and tell_guard(attempt_id, AttemptOutcome(outcome)):
+        if outcome is not None and tell_guard(attempt_id, AttemptOutcome(outcome), account):
             paid += 1
     if paid:
         log.warning("paid %d owed guard resolves from the ledger", paid)
     return paid
 
 
-def _ledger_view(now_ms: int) -> LedgerView:
-    guard = runtime.guard()
+def _ledger_view(now_ms: int, account: str | None = None) -> LedgerView:
+    guard = runtime.guard_of(account)
     return implied_image(runtime.engine(), guard.account, guard.limits, now_ms)
 
 
-def rebuild_guard(force: bool = False) -> bool:
+def rebuild_guard(force: bool = False, account: str | None = None) -> bool:
     """Rebuild the guard's state from the ledger. Without `force`, only when the marker is missing.
 
     True when this call rebuilt it. A forced rebuild first drops the marker, so admits refuse while the ledger is
     read and every reservation made before is in what it reads (the claim precedes the admit)."""
-    guard = runtime.guard()
+    guard = runtime.guard_of(account)
     if force:
         recovery.forget(guard)
     elif recovery.has_state(guard):
         return False
     now_ms = recovery.now_ms(guard)
-    view = _ledger_view(now_ms)
+    view = _ledger_view(now_ms, guard.account)
     epoch = f"{now_ms}-{secrets.token_hex(3)}"
     rebuilt = recovery.rebuild(guard, view.image, epoch)
     if rebuilt:
@@ -159,21 +168,21 @@ def rebuild_guard(force: bool = False) -> bool:
             len(view.image.reservations),
         )
         # Resolves that raced the ledger read (their attempt ended after it) left reservations behind.
-        verify_guard(repair=True)
+        verify_guard(repair=True, account=guard.account)
     return rebuilt
 
 
-def ensure_guard_state() -> bool:
+def ensure_guard_state(account: str | None = None) -> bool:
     """Beat's check (and a refused admit's): rebuild at once when the marker is gone. True once the state is
     back (rebuilt here, or by another process while this one waited)."""
-    guard = runtime.guard()
+    guard = runtime.guard_of(account)
     if recovery.has_state(guard):
         return False
     log.error(
         "guard for account %s has no state (Redis lost it): refusing sends until rebuilt", guard.account
     )
     lock = f"stkpush:{{{guard.account}}}:rebuild-lock"
-    client = runtime.redis_client()
+    client = runtime.guard_redis()
     if not client.set(lock, "1", nx=True, px=REBUILD_LOCK_MS):
         # Another process is rebuilding: wait a moment for it rather than refuse at once.
         for _ in range(REBUILD_WAIT_POLLS):
@@ -182,18 +191,63 @@ def ensure_guard_state() -> bool:
                 return True
         return False
     try:
-        return rebuild_guard()
+        return rebuild_guard(account=guard.account)
     finally:
         client.delete(lock)
 
 
-def keep_guard() -> None:
-    """Beat's dispatch tick: rebuild a forgotten state, then pay the resolves the ledger owes."""
-    try:
-        ensure_guard_state()
-        pay_owed()
-    except GuardUnavailable:
-        log.warning("guard unavailable: owed resolves wait for the next tick")
+def keep_guard(account: str | None = None) -> None:
+    """Beat's dispatch tick: rebuild a forgotten state, then pay the resolves the ledger owes; for `account`, or
+    (None) for every enabled account in turn, one account's trouble never stopping the next's."""
+    if account is not None:
+        try:
+            ensure_guard_state(account)
+            pay_owed(account=account)
+        except GuardUnavailable:
+            log.warning("guard of account %s unavailable: owed resolves wait for the next tick", account)
+        return
+    names = runtime.accounts()
+    for name in names:
+        try:
+            ensure_guard_state(name)  # one EXISTS unless the state is gone
+        except GuardUnavailable:
+            log.warning("guard of account %s unavailable: owed resolves wait for the next tick", name)
+    # The owed resolves of every account in one read; each is paid to its own account's guard.
+    for name in _accounts_owed(names):
+        try:
+            pay_owed(account=name)
+        except GuardUnavailable:
+            log.warning("guard of account %s unavailable: owed resolves wait for the next tick", name)
+
+
+def _accounts_owed(names: list[str]) -> list[str]:
+    with session_scope(runtime.engine()) as session:
+        owed = set(
+            session.exec(
+                select(SendAttempt.account)
+                .where(col(SendAttempt.outcome).is_not(None), col(SendAttempt.guard_resolved_at).is_(None))
+                .distinct()
+            ).all()
+        )
+    return [name for name in names if name in owed]
+
+
+def accounts_to_verify() -> list[str]:
+    """The enabled accounts whose guard holds anything the ledger implies: an attempt in flight or ended within
+    the window, or a provider block not yet over. Others have nothing to compare (an account's whole state ages
+    out with its window), so a verify pass costs per active account, not per account configured."""
+    names = runtime.accounts()
+    # The window is the settings' for every account (UpesiPay's rule is the same for all).
+    horizon = utcnow() - timedelta(seconds=runtime.settings().account_window_s)
+    with session_scope(runtime.engine()) as session:
+        active = set(
+            session.exec(
+                select(SendAttempt.account)
+                .where(col(SendAttempt.outcome).is_(None) | (col(SendAttempt.outcome_at) > horizon))
+                .distinct()
+            ).all()
+        ) | set(session.exec(select(GuardBlock.account).where(col(GuardBlock.until) > utcnow())).all())
+    return [name for name in names if name in active or name == names[0]]
 
 
 @dataclass
@@ -208,16 +262,17 @@ class Drift:
         return len(self.items)
 
 
-def verify_guard(repair: bool = False) -> Drift:
-    """Compare the live state with the ledger's image; with `repair`, resolve leaked reservations."""
-    guard = runtime.guard()
+def verify_guard(repair: bool = False, account: str | None = None) -> Drift:
+    """Compare the live state of `account`'s guard (None: the environment's) with the ledger's image; with
+    `repair`, resolve leaked reservations."""
+    guard = runtime.guard_of(account)
     live = recovery.dump(guard)
-    view = _ledger_view(live.now_ms)
+    view = _ledger_view(live.now_ms, guard.account)
     image, drift = view.image, Drift()
     settled_before = live.now_ms - SETTLING_MS
     if live.marker is None:
         drift.items.append("no rebuild marker: the state is gone, admits refuse until rebuilt")
-        _publish(drift)
+        _publish(drift, guard.account)
         return drift
 
     # Reservations. One whose attempt ended a while ago leaked (a resolve lost after the ledger moved).
@@ -281,7 +336,7 @@ def verify_guard(repair: bool = False) -> Drift:
         want_until = image.blocks.get(phone, 0) if image.blocks.get(phone, 0) > live.now_ms else 0
         if abs(live_until - want_until) > SETTLING_MS:
             drift.items.append(f"number {mask_phone(phone)}: provider block differs from the ledger's")
-    _publish(drift)
+    _publish(drift, guard.account)
     return drift
 
 
@@ -304,9 +359,8 @@ def _effective_streak(held: recovery.PhoneImage, now_ms: int, limits: GuardLimit
 DRIFT_TTL_S = 3600
 
 
-def _publish(drift: Drift) -> None:
+def _publish(drift: Drift, account: str) -> None:
     """The last comparison's result, for /metrics and /healthz (any process may serve them)."""
-    account = runtime.settings().upesipay_account
     try:
         runtime.redis_client().set(
             f"stkpush:{{{account}}}:verify", f"{drift.count}:{utcnow().isoformat()}", ex=DRIFT_TTL_S
@@ -315,9 +369,9 @@ def _publish(drift: Drift) -> None:
         log.debug("verify result not published (%s)", type(error).__name__)
 
 
-def last_drift() -> int | None:
+def last_drift(account: str | None = None) -> int | None:
     """The drift count of the latest comparison (any process's), or None if none ran within DRIFT_TTL_S."""
-    account = runtime.settings().upesipay_account
+    account = runtime.account(account).name
     stored = runtime.redis_client().get(f"stkpush:{{{account}}}:verify")
     if stored is None:
         return None
@@ -325,23 +379,21 @@ def last_drift() -> int | None:
     return int(text.split(":", 1)[0])
 
 
-def release_phone(phone: str, released_by: str) -> int:
+def release_phone(phone: str, released_by: str, account: str | None = None) -> int:
     """An operator frees a number held at its streak limit: the release is recorded in the ledger first (so a
     rebuilt guard keeps it), then the guard starts the number's streak afresh, then the payments waiting for it
     are due now. Returns how many waiting payments were released. Raises GuardUnavailable when Redis is away
     (the ledger row stays: the next rebuild applies it)."""
-    settings, engine = runtime.settings(), runtime.engine()
+    name, engine = runtime.account(account).name, runtime.engine()
     with session_scope(engine) as session:
-        session.add(
-            PhoneRelease(account=settings.upesipay_account, phone=phone, released_by=released_by[:64])
-        )
+        session.add(PhoneRelease(account=name, phone=phone, released_by=released_by[:64]))
         session.commit()
-    runtime.guard().release_phone(phone)
+    runtime.guard_of(name).release_phone(phone)
     with engine.begin() as connection:
         released = connection.execute(
             update(Payment)
             .where(
-                col(Payment.account) == settings.upesipay_account,
+                col(Payment.account) == name,
                 col(Payment.phone) == phone,
                 col(Payment.state) == PaymentState.DEFERRED,
                 col(Payment.reason).startswith("guard: phone_blocked"),

@@ -166,14 +166,15 @@ def reopen(engine: Engine, payment: Payment, by: str) -> Reopened:
     return Reopened(True, current, None)
 
 
-def retry_payment(ref: str, by: str) -> Reopened | None:
-    """`stkpush retry REF` and `POST /payments/{ref}/retry`: re-open and queue the payment; None when no such
-    payment. A payment re-opened but not queued (broker away) is queued by the dispatcher's stale-PENDING pass."""
+def retry_payment(ref: str, by: str, account: str | None = None) -> Reopened | None:
+    """`stkpush retry REF` and `POST /payments/{ref}/retry`: re-open and queue the payment of `account` (None: the
+    environment's); None when that account has no such payment. A payment re-opened but not queued (broker away)
+    is queued by the dispatcher's stale-PENDING pass."""
     from worker import runtime
     from worker.dispatch import publish_payment
 
     engine = runtime.engine()
-    payment = find_payment(engine, runtime.settings().upesipay_account, ref)
+    payment = find_payment(engine, account or runtime.settings().upesipay_account, ref)
     if payment is None:
         return None
     answer = reopen(engine, payment, by)

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from worker import batch_brake, bulk_turns, metrics, provider_blocks, retry, runtime
+from worker.accounts import UnknownAccount
 from worker.attempts import claim_for_send, end_attempt, record_guard_block, record_sent
 from worker.dispatch import expire, guard_refusal_reason
 from worker.faults import fail_point
@@ -28,6 +29,8 @@ log = logging.getLogger("stkpush.sending")
 
 # Refusals during which a rebuild may be reading the ledger: the attempt is released rather than just refused.
 UNSURE_REFUSALS = frozenset({RefusalReason.GUARD_REBUILDING, RefusalReason.GUARD_UNAVAILABLE})
+# How many times a bulk message asks for its turn when racing turns took every candidate it was given.
+BULK_TURN_ROUNDS = 3
 # When UpesiPay says "rate limited" without a Retry-After and names neither a number nor the account.
 DEFAULT_RATE_LIMIT_WAIT_S = provider_blocks.THROTTLE_WAIT_S
 
@@ -81,7 +84,7 @@ def defer(token: str, seconds: float, reason: str, outcome: AttemptOutcome = Att
 
 def provider_block_wait(payment: Payment, result: PushResult) -> float:
     """The stated end of a block or restriction, else the rule's own duration (worker.provider_blocks)."""
-    settings, guard = runtime.settings(), runtime.guard()
+    settings, guard = runtime.settings(), runtime.guard_of(payment.account)
     failures = 0
     if result.retry_after_s is None and result.scope == RestrictionScope.ACCOUNT:
         failures = provider_blocks.account_failures_in_window(
@@ -92,6 +95,17 @@ def provider_block_wait(payment: Payment, result: PushResult) -> float:
         except GuardUnavailable:
             pass  # the ledger's count stands
     return provider_blocks.block_wait_s(result, failures, guard.limits, settings.provider_block_wait_s)
+
+
+def account_unusable(account: str) -> str | None:
+    """Why nothing may be sent for `account` now (unknown or disabled), None when it may."""
+    try:
+        config = runtime.account(account)
+    except UnknownAccount:
+        return f"account {account} is not configured: waiting"
+    if config.disabled:
+        return f"account {account} is disabled: waiting"
+    return None
 
 
 def lane_of(payment: Payment) -> Lane:
@@ -106,27 +120,44 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         log.warning("stk_push for unknown payment %s: nothing to do", payment_id)
         return SendResult.MISSING, None
     # A batch row's message is a turn of the bulk lane: it may send another batch's row (worker.bulk_turns).
-    turns = bulk_turns.candidates(payment) if payment.queue == "bulk" else [payment.id]
-    for candidate_id in turns:
-        candidate = payment if candidate_id == payment.id else get_payment(engine, candidate_id)
-        if candidate is None:
-            continue
-        done, claimed = _claim(candidate)
-        if done is not None:
-            return done, None
-        if claimed is not None:
-            payment, token = candidate, claimed
+    own = payment
+    token: str | None = None
+    # A bulk message whose candidates were all claimed by racing turns meanwhile (its own row taken by another
+    # batch's turn, that turn's target by a third) asks for the turns again: else a row of another batch would be
+    # left PENDING without a message until requeue_stale_pending, minutes later.
+    for _round in range(BULK_TURN_ROUNDS if own.queue == "bulk" else 1):
+        current = own if _round == 0 else get_payment(engine, own.id) or own
+        turns = bulk_turns.candidates(current) if own.queue == "bulk" else [own.id]
+        for candidate_id in turns:
+            candidate = current if candidate_id == own.id else get_payment(engine, candidate_id)
+            if candidate is None:
+                continue
+            done, claimed = _claim(candidate)
+            if done is not None:
+                return done, None
+            if claimed is not None:
+                payment, token = candidate, claimed
+                break
+        if token is not None:
             break
-    else:
+    if token is None:
         log.info("payment %s not claimable (state %s): skipped", payment.id, payment.state)
         return SendResult.NOT_CLAIMABLE, None
 
     fail_point("after-claim")
-    pause = runtime.credentials_pause().remaining_s()
+    # Everything below is the payment's own account's: its guard, its pause, its token and channel. Another
+    # account's restriction or refused credentials never reaches this payment.
+    account = payment.account
+    unusable = account_unusable(account)
+    if unusable is not None:
+        defer(token, runtime.settings().credentials_probe_s, unusable)
+        log.warning("payment %s waits: %s", payment.id, unusable)
+        return SendResult.PAUSED, None
+    pause = runtime.credentials_pause_of(account).remaining_s()
     if pause > 0:
         defer(token, pause, "sending paused: UpesiPay refused the credentials")
         return SendResult.PAUSED, None
-    decision = admit(payment.phone, token, lane_of(payment))
+    decision = admit(payment.phone, token, lane_of(payment), account)
     metrics.record_guard_decision(decision)
     if not decision.admitted:
         reason = decision.reason or RefusalReason.GUARD_UNAVAILABLE
@@ -134,7 +165,7 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
             # A rebuild running now may have read this attempt while it was open and reserved it: the guard
             # is told to release it (now, or by beat if Redis is still away).
             if defer(token, decision.retry_after, guard_refusal_reason(reason), AttemptOutcome.RELEASED):
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
         else:
             defer(token, decision.retry_after, guard_refusal_reason(reason))
         log.info(
@@ -143,14 +174,14 @@ def send_payment(payment_id: str) -> tuple[SendResult, Retry | None]:
         return SendResult.DEFERRED, None
 
     settings = runtime.settings()
-    result = runtime.upesipay().initiate_push(
+    result = runtime.upesipay_of(account).initiate_push(
         PushRequest(
             amount=payment.amount,
             phone=payment.phone,
             channel_id=payment.channel_id,
             external_reference=payment.external_reference,
             customer_name=payment.customer_name,
-            callback_url=attempt_callback_url(settings, token),
+            callback_url=attempt_callback_url(settings, token, account),
         )
     )
     fail_point("after-send")
@@ -178,7 +209,8 @@ def _claim(payment: Payment) -> tuple[SendResult | None, str | None]:
 def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult, Retry | None]:
     metrics.record_push(result)
     engine = runtime.engine()
-    guard = runtime.guard()
+    account = payment.account
+    guard = runtime.guard_of(account)
     evidence: dict[str, Any] = {
         "provider_status_code": result.status_code,
         "provider_response": result.raw[:2048] if result.raw else None,
@@ -213,20 +245,24 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                 **evidence,
             )
             if ended.attempt_ended:
-                tell_guard(token, AttemptOutcome.FAILURE)
+                tell_guard(token, AttemptOutcome.FAILURE, account)
             batch_brake.note_outcome(payment.batch_id)
             log.warning("payment %s rejected by UpesiPay: %s", payment.id, result.detail)
             return SendResult.REJECTED, None
         case PushOutcome.CREDENTIALS_REFUSED:
             probe_s = runtime.settings().credentials_probe_s
-            runtime.credentials_pause().pause(probe_s)
+            runtime.credentials_pause_of(account).pause(probe_s)
             if defer(token, probe_s, "UpesiPay refused the credentials", AttemptOutcome.RELEASED):
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
             log.error(
-                "UpesiPay refused the credentials (HTTP %s): all sending paused for %.0fs; check "
-                "UPESIPAY_AUTH_TOKEN",
+                "UpesiPay refused the credentials of account %s (HTTP %s): its sending paused for %.0fs; check "
+                "%s",
+                account,
                 result.status_code,
                 probe_s,
+                "UPESIPAY_AUTH_TOKEN"
+                if runtime.account(account).from_environment
+                else "its token (stkpush account set)",
             )
             return SendResult.PAUSED, None
         case PushOutcome.RATE_LIMITED:
@@ -245,7 +281,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
             if defer(
                 token, wait, f"UpesiPay rate limit ({result.scope}): {result.detail}", AttemptOutcome.RELEASED
             ):
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
             log.warning("payment %s: UpesiPay rate limited (%s) for %.0fs", payment.id, result.scope, wait)
             return SendResult.DEFERRED, None
         case PushOutcome.NOT_SENT:
@@ -266,7 +302,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                     reason=f"{retry.NEVER_SENT} UpesiPay unreachable for {budget_s}s ({attempts} attempts): "
                     f"{result.detail}"[:500],
                 ).attempt_ended:
-                    tell_guard(token, AttemptOutcome.RELEASED)
+                    tell_guard(token, AttemptOutcome.RELEASED, account)
                 log.error(
                     "payment %s failed: UpesiPay unreachable for %ds (%d attempts), never sent",
                     payment.id,
@@ -287,7 +323,7 @@ def record(payment: Payment, token: str, result: PushResult) -> tuple[SendResult
                 reason=f"not sent ({result.detail}); retry {attempts} in {countdown:.1f}s"[:500],
                 queued_at=None,
             ).attempt_ended:
-                tell_guard(token, AttemptOutcome.RELEASED)
+                tell_guard(token, AttemptOutcome.RELEASED, account)
             return SendResult.RETRY, Retry(countdown)
         case PushOutcome.AMBIGUOUS:
             # The request may have reached UpesiPay: resending could prompt the customer twice. The reservation

@@ -186,8 +186,21 @@ class Settings(BaseSettings):
     # The longest `GET /payments/{ref}?wait=` a request may ask for: each waiter holds a connection.
     payment_wait_max_s: int = Field(default=60, ge=1, le=300)
 
-    # HTTP producer API keys (comma separated); empty disables the producer endpoints.
+    # HTTP producer API keys (comma separated); empty disables the producer endpoints. Each is `key` (the
+    # environment's account), `account:key` (that account only) or `*:key` (admin: every account, the account
+    # routes). See worker/web/access.py.
     api_keys: SecretStr = SecretStr("")
+
+    # Several accounts (worker/accounts.py): the Fernet key(s) the stored accounts' tokens are encrypted under,
+    # comma separated, the first encrypting (docs/operations.md, "Rotating the encryption key"). Empty: only the
+    # environment's account can be used.
+    account_token_key: SecretStr = SecretStr("")
+    # How long a process trusts a stored account's configuration before reading it again: `stkpush account set`
+    # (a new token, new limits, a disable) reaches every worker within this.
+    account_cache_s: float = Field(default=10.0, ge=0, le=3600)
+    # Where the guard keeps its state: empty means REDIS_URL. A `redis+cluster://` (or `rediss+cluster://`) URL
+    # puts the guard on a Redis Cluster; the broker stays on REDIS_URL (kombu has no cluster transport).
+    guard_redis_url: str = ""
 
     @field_validator("redis_url")
     @classmethod
@@ -214,6 +227,17 @@ class Settings(BaseSettings):
             database = parts.path.lstrip("/") or "0"
         if not database.isdigit() or int(database) > 1_000_000:
             raise ValueError("must end with a database number (redis://host:6379/0)")
+        return value
+
+    @field_validator("guard_redis_url")
+    @classmethod
+    def _guard_redis_url(cls, value: str) -> str:
+        if value and not value.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        ):
+            raise ValueError(
+                "must be empty or start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
+            )
         return value
 
     @field_validator("database_url")

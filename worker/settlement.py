@@ -65,9 +65,9 @@ def finish(payment: Payment, state: PaymentState, attempt_id: str | None = None,
     outcome = AttemptOutcome.SUCCESS if state == PaymentState.SUCCEEDED else AttemptOutcome.FAILURE
     ended = end_attempt(engine, attempt_id, outcome, payment_from=SETTLEABLE, payment_to=state, **fields)
     if ended.attempt_ended:
-        if tell_guard(attempt_id, outcome):
+        if tell_guard(attempt_id, outcome, payment.account):
             try:
-                release_freed(payment.phone)
+                release_freed(payment.phone, payment.account)
             except GuardUnavailable:
                 pass  # beat releases it on a later tick; the payment's own ending is already recorded
         if ended.payment_moved:
@@ -94,7 +94,7 @@ def take_back_assumed_failure(payment_id: str, attempt_id: str, **fields: Any) -
     fields.pop("reason", None)
     moved = revert_attempt(runtime.engine(), attempt_id, reason=None, **fields)
     if moved:
-        tell_guard(attempt_id, AttemptOutcome.REVERTED)
+        tell_guard(attempt_id, AttemptOutcome.REVERTED, current.account)
         log.warning("payment %s: late success took back an assumed failure", payment_id)
     return moved
 
@@ -168,7 +168,7 @@ def settle_from_status(payment: Payment, status: StatusResult) -> str:
 
 
 def settle_payment(payment: Payment) -> str:
-    client = runtime.upesipay()
+    client = runtime.upesipay_of(payment.account)
     if payment.provider_reference:
         status = client.transaction_status(payment.provider_reference)
     else:
@@ -189,7 +189,9 @@ def settle_due(limit: int = 200) -> int:
         rows = session.exec(
             select(Payment)
             .join(SendAttempt, col(SendAttempt.id) == col(Payment.guard_token))
-            .where(col(Payment.account) == settings.upesipay_account)
+            # Every configured account's, each asked with its own token (settle_payment): a disabled account
+            # sends nothing new, but what it sent is still settled.
+            .where(col(Payment.account).in_(runtime.accounts(include_disabled=True)))
             .where(
                 (
                     (col(Payment.state) == PaymentState.AWAITING_CALLBACK)

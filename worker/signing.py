@@ -33,8 +33,23 @@ def attempt_signature_matches(secret: str, attempt_id: str, signature: str) -> b
     return hmac.compare_digest(attempt_signature(secret, attempt_id), signature)
 
 
-def attempt_callback_url(settings: Settings, attempt_id: str) -> str:
-    """The URL UpesiPay calls back for one send attempt: a late callback then settles that attempt only."""
+def account_attempt_signature(secret: str, account: str, attempt_id: str) -> str:
+    # The account is signed with the attempt: a URL of one account's attempt can't be replayed as another's.
+    return callback_signature(secret, f"account:{account}:attempt:{attempt_id}")
+
+
+def account_attempt_signature_matches(secret: str, account: str, attempt_id: str, signature: str) -> bool:
+    return hmac.compare_digest(account_attempt_signature(secret, account, attempt_id), signature)
+
+
+def attempt_callback_url(settings: Settings, attempt_id: str, account: str | None = None) -> str:
+    """The URL UpesiPay calls back for one send attempt: a late callback then settles that attempt only.
+
+    The environment's account keeps the URL shape it always had; another account's URL names the account, and
+    the receiver checks that the attempt is that account's."""
     base = str(settings.callback_base_url).rstrip("/")
-    signature = attempt_signature(settings.callback_secret.get_secret_value(), attempt_id)
-    return f"{base}/callbacks/upesipay/attempts/{attempt_id}/{signature}"
+    secret = settings.callback_secret.get_secret_value()
+    if account is None or account == settings.upesipay_account:
+        return f"{base}/callbacks/upesipay/attempts/{attempt_id}/{attempt_signature(secret, attempt_id)}"
+    signature = account_attempt_signature(secret, account, attempt_id)
+    return f"{base}/callbacks/upesipay/accounts/{account}/attempts/{attempt_id}/{signature}"

@@ -46,7 +46,9 @@ def count_other_channels() -> int:
 
 @shared_task(name="stkpush.dispatch.verify_guard", ignore_result=True)
 def verify_guard() -> int:
-    return reconcile.verify_guard(repair=True).count
+    return sum(
+        reconcile.verify_guard(repair=True, account=name).count for name in reconcile.accounts_to_verify()
+    )
 
 
 @shared_task(name="stkpush.dispatch.release_webhooks", ignore_result=True)

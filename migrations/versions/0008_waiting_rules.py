@@ -1,7 +1,7 @@
 """Re-openings of payments never sent (`stkpush retry`), the lookups that may license resending an ambiguous send,
 and which send attempts never reached UpesiPay (issue 11).
 
-Revision ID: 0008_waiting_rules
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-01
 """
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
-revision: str = "0008_waiting_rules"
+revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

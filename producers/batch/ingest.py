@@ -40,7 +40,7 @@ from producers.batch.reading import (
 )
 from producers.batch.rejects import RejectsFile
 from producers.batch.report import BatchCounts, BatchReport
-from producers.enqueue import differing_fields
+from producers.enqueue import differing_fields, resolve_account
 from producers.validation import FieldError, PaymentRequest, PaymentValidationError, validate_payment
 from worker import reprompts, runtime
 from worker.ledger import (
@@ -125,13 +125,20 @@ class _Pass:
 
 
 def open_batch(
-    source_name: str, *, all_or_nothing: bool = False, reprompt: int = 0, reprompt_after_s: int | None = None
+    source_name: str,
+    *,
+    all_or_nothing: bool = False,
+    account: str | None = None,
+    reprompt: int = 0,
+    reprompt_after_s: int | None = None,
 ) -> str:
-    """Record a new batch (INGESTING) and return its id; ingest_batch(batch_id=...) fills it. `reprompt` further
-    prompts, each at least `reprompt_after_s` after the last (worker/reprompts.py; RepromptError if invalid)."""
+    """Record a new batch (INGESTING) of `account` (None: the environment's) and return its id;
+    ingest_batch(batch_id=...) fills it. PaymentValidationError naming `account` when it can't be used.
+    `reprompt` further prompts, each at least `reprompt_after_s` after the last (worker/reprompts.py;
+    RepromptError if invalid)."""
     reprompt, reprompt_after_s = reprompts.check(reprompt, reprompt_after_s)
     batch = Batch(
-        account=runtime.settings().upesipay_account,
+        account=resolve_account(account).name,
         source_name=Path(source_name).name[:255] or "batch",
         all_or_nothing=all_or_nothing,
         reprompt_max=reprompt,
@@ -153,11 +160,13 @@ def ingest_batch(
     batch_id: str | None = None,
     chunk_rows: int = CHUNK_ROWS,
     on_progress: ProgressCallback | None = None,
+    account: str | None = None,
     reprompt: int = 0,
     reprompt_after_s: int | None = None,
 ) -> BatchReport:
     """Ingest one bulk invoice file; see the module docstring. Never raises for bad rows or an unusable file:
-    the report (and the batch record) say what happened."""
+    the report (and the batch record) say what happened. `account` (None: the environment's) is the new batch's
+    account (raises PaymentValidationError when it can't be used); a given batch_id keeps its batch's."""
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be at least 1")
     name = source_name or (str(source) if isinstance(source, str | Path) else "batch")
@@ -168,7 +177,11 @@ def ingest_batch(
     fmt = FileFormat(file_format)
     if batch_id is None:
         batch_id = open_batch(
-            name, all_or_nothing=all_or_nothing, reprompt=reprompt, reprompt_after_s=reprompt_after_s
+            name,
+            all_or_nothing=all_or_nothing,
+            account=account,
+            reprompt=reprompt,
+            reprompt_after_s=reprompt_after_s,
         )
     ingestion = _Ingestion(
         batch_id=batch_id,
@@ -195,8 +208,12 @@ class _Ingestion:
     ) -> None:
         settings = runtime.settings()
         self.engine: Engine = runtime.engine()
-        self.account = settings.upesipay_account
-        self.default_channel = settings.upesipay_channel_id
+        with session_scope(self.engine) as session:
+            batch = session.get(Batch, batch_id)
+        # The batch's account decides the rows' account and default channel.
+        self.config = runtime.account(batch.account if batch is not None else None)
+        self.account = self.config.name
+        self.default_channel = self.config.default_channel
         self.amount_min, self.amount_max = settings.amount_min, settings.amount_max
         self.batch_id = batch_id
         self.file_format = file_format
@@ -343,6 +360,11 @@ class _Ingestion:
             self._reject(row.line, errors, result)
             return None
         channel = request.channel_id or self.default_channel
+        if not self.config.allows_channel(channel):
+            self._reject(
+                row.line, [FieldError("channel_id", "must be one of the account's channel ids")], result
+            )
+            return None
         return _Candidate(row.line, request, request.external_reference, channel)
 
     def _reject(self, line: int, errors: list[FieldError], result: _Pass, *, conflict: bool = False) -> None:

@@ -11,13 +11,13 @@ from worker import forecast, runtime
 from worker.ledger import Batch, BatchState, Payment, PaymentState, session_scope
 
 
-def batch_status(batch_id: str) -> dict[str, Any] | None:
+def batch_status(batch_id: str, account: str | None = None) -> dict[str, Any] | None:
     """The batch record with its payments counted by state, money requested and collected, and why payments
-    wait (DEFERRED reasons); None when this account has no such batch."""
+    wait (DEFERRED reasons); None when `account` (None: the environment's) has no such batch."""
     engine = runtime.engine()
     with session_scope(engine) as session:
         batch = session.get(Batch, batch_id)
-    if batch is None or batch.account != runtime.settings().upesipay_account:
+    if batch is None or batch.account != (account or runtime.settings().upesipay_account):
         return None
     with engine.connect() as connection:
         by_state = {state.value: 0 for state in PaymentState}
@@ -77,9 +77,8 @@ def batch_status(batch_id: str) -> dict[str, Any] | None:
 
 def _forecast(batch_id: str) -> dict[str, Any] | None:
     """The batch's estimated finish and the account's failure budget (worker/forecast.py)."""
-    settings = runtime.settings()
-    eta = forecast.batch_forecast(runtime.engine(), batch_id, settings)
+    eta = forecast.batch_forecast(runtime.engine(), batch_id, runtime.settings())
     if eta is None:
         return None
-    budget = forecast.budget_forecast(runtime.engine(), settings.upesipay_account, settings)
+    budget = forecast.budget_forecast(runtime.engine(), eta.account, runtime.settings_of(eta.account))
     return {**eta.as_dict(), "budget": budget.as_dict()}

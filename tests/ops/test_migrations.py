@@ -35,6 +35,7 @@ LEDGER_TABLES = {
     "phone_release",
     "payment_reopen",
     "unknown_lookup",
+    "account",
     "event",
     "webhook_endpoint",
     "webhook_delivery",

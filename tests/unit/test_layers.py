@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "worker.signing",
             "worker.pause",
             "worker.faults",
+            "worker.secrets_box",
             "worker.webhooks.signature",
         ),
     ),
@@ -34,6 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "records and provider",
         (
             "worker.ledger",
+            "worker.accounts",
             "worker.attempts",
             "worker.events",
             "worker.webhooks.store",

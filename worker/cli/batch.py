@@ -132,6 +132,7 @@ def _print_report(report: dict[str, Any]) -> None:
     help="With --reprompt: the least time from a prompt's end to the next, e.g. 4h, 30m, 90s, 2d.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@click.option("--account", default=None, help="The UpesiPay account (default: UPESIPAY_ACCOUNT's).")
 def batch_command(
     file: Path,
     file_format: str | None,
@@ -140,6 +141,7 @@ def batch_command(
     reprompt: int,
     reprompt_after: str | None,
     as_json: bool,
+    account: str | None,
 ) -> None:
     """Record and queue every payment of a bulk invoice FILE (CSV with a header row, or JSON Lines).
 
@@ -169,6 +171,7 @@ def batch_command(
             reprompt_after_s=after_s,
             rejects_path=rejects_path or file.with_name(file.name + ".rejects.csv"),
             on_progress=display,
+            account=account,
         )
     except ValueError as error:
         display.close()
@@ -188,11 +191,12 @@ def batch_command(
 @click.command("batch-status")
 @click.argument("batch_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def batch_status_command(batch_id: str, as_json: bool) -> None:
+@click.option("--account", default=None, help="The batch's account (default: UPESIPAY_ACCOUNT's).")
+def batch_status_command(batch_id: str, as_json: bool, account: str | None) -> None:
     """Show a batch: its rows, its payments by state, money requested and collected, why payments wait."""
     from producers.batch import batch_status
 
-    status = batch_status(batch_id)
+    status = batch_status(batch_id, account)
     if status is None:
         click.echo("error: no batch with that id", err=True)
         sys.exit(1)
@@ -244,12 +248,13 @@ def batch_status_command(batch_id: str, as_json: bool) -> None:
 
 @click.command("batch-resume")
 @click.argument("batch_id")
-def batch_resume_command(batch_id: str) -> None:
+@click.option("--account", default=None, help="The batch's account (default: UPESIPAY_ACCOUNT's).")
+def batch_resume_command(batch_id: str, account: str | None) -> None:
     """Resume a batch that paused itself: its held rows are released within the bulk lane's headroom."""
     from producers.batch import batch_status
     from worker import batch_brake
 
-    if batch_status(batch_id) is None:
+    if batch_status(batch_id, account) is None:
         click.echo("error: no batch with that id", err=True)
         sys.exit(1)
     released = batch_brake.resume(batch_id)

@@ -58,6 +58,7 @@ def web(host: str, port: int) -> None:
     default=None,
     help="Seconds the prompt is worth sending for (default INTERACTIVE_EXPIRES_IN_S); then EXPIRED.",
 )
+@click.option("--account", default=None, help="The UpesiPay account (default: UPESIPAY_ACCOUNT's).")
 def enqueue(
     amount: int,
     phone_number: str,
@@ -65,13 +66,20 @@ def enqueue(
     customer_name: str | None,
     channel_id: int | None,
     expires_in: int | None,
+    account: str | None,
 ) -> None:
     """Record one payment and queue its STK push (idempotent per reference)."""
     from producers import PaymentConflictError, PaymentValidationError, enqueue_payment
 
     try:
         handle = enqueue_payment(
-            amount, phone_number, external_reference, customer_name, channel_id, expires_in=expires_in
+            amount,
+            phone_number,
+            external_reference,
+            customer_name,
+            channel_id,
+            expires_in=expires_in,
+            account=account,
         )
     except PaymentValidationError as error:
         fail(str(error))
@@ -96,13 +104,16 @@ def enqueue(
 @main.command()
 @click.argument("external_reference")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(external_reference: str, as_json: bool) -> None:
+@click.option("--account", default=None, help="The payment's account (default: UPESIPAY_ACCOUNT's).")
+def status(external_reference: str, as_json: bool, account: str | None) -> None:
     """Show one payment by its external reference."""
     from worker import runtime
     from worker.ledger import find_by_reference
     from worker.web.access import history_view
 
-    payment = find_by_reference(runtime.engine(), runtime.settings().upesipay_account, external_reference)
+    payment = find_by_reference(
+        runtime.engine(), account or runtime.settings().upesipay_account, external_reference
+    )
     if payment is None:
         fail("no payment with that external_reference", code=1)
         return
@@ -126,7 +137,8 @@ def status(external_reference: str, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("--by", "reopened_by", default="cli", show_default=True, help="Who re-opens it (recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def retry(ref: str, reopened_by: str, as_json: bool) -> None:
+@click.option("--account", default=None, help="The payment's account (default: UPESIPAY_ACCOUNT's).")
+def retry(ref: str, reopened_by: str, as_json: bool, account: str | None) -> None:
     """Re-open a FAILED payment that provably never reached UpesiPay (REF: external reference or payment id).
 
     Every send attempt must have ended without UpesiPay recording it; anything else is refused with the reason
@@ -135,7 +147,7 @@ def retry(ref: str, reopened_by: str, as_json: bool) -> None:
 
     if not reopened_by.strip():
         fail("--by: must name who re-opens the payment")
-    answer = retry_payment(ref, reopened_by.strip())
+    answer = retry_payment(ref, reopened_by.strip(), account)
     if answer is None:
         fail("no payment with that external reference or id", code=1)
         return
@@ -171,29 +183,29 @@ def guard(ctx: click.Context) -> None:
 @guard.command(hidden=True)
 @click.argument("phone", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def show(phone: str | None = None, as_json: bool = False) -> None:
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def show(phone: str | None = None, as_json: bool = False, account: str | None = None) -> None:
     """Show the guard's view of the account, or of one number (always masked)."""
     from dataclasses import asdict
 
-    from worker import runtime
     from worker.guard import recovery
     from worker.phones import PhoneNumberError, normalise_phone
 
-    snapshot: dict[str, Any] = {"account": asdict(runtime.guard().account_snapshot())}
-    snapshot["account"]["rebuilt"] = recovery.has_state(runtime.guard())
+    guard = _account_guard(account)
+    snapshot: dict[str, Any] = {"account": asdict(guard.account_snapshot())}
+    snapshot["account"]["rebuilt"] = recovery.has_state(guard)
     if phone:
         try:
             canonical = normalise_phone(phone)
         except PhoneNumberError as error:
             fail(f"PHONE: {error}")
             return
-        phone_view = asdict(runtime.guard().phone_snapshot(canonical))
+        phone_view = asdict(guard.phone_snapshot(canonical))
         phone_view["phone"] = mask_phone(canonical)
         snapshot["phone"] = phone_view
-    from worker import forecast
+    from worker import forecast, runtime
 
-    settings = runtime.settings()
-    budget = forecast.budget_forecast(runtime.engine(), settings.upesipay_account, settings)
+    budget = forecast.budget_forecast(runtime.engine(), guard.account, runtime.settings_of(guard.account))
     snapshot["forecast"] = budget.as_dict()
     if as_json:
         click.echo(json.dumps(snapshot, default=str))
@@ -206,15 +218,28 @@ def show(phone: str | None = None, as_json: bool = False) -> None:
         click.echo(line)
 
 
-@guard.command()
-def rebuild() -> None:
-    """Rebuild the guard's state from the ledger now (admits refuse for the moment it takes)."""
-    from worker import reconcile, runtime
-    from worker.guard import GuardUnavailable
+def _account_guard(account: str | None) -> Any:
+    from worker import runtime
+    from worker.accounts import UnknownAccount
 
     try:
-        reconcile.rebuild_guard(force=True)
-        snapshot = runtime.guard().account_snapshot()
+        return runtime.guard_of(account)
+    except UnknownAccount as error:
+        fail(f"--account: {error.rule}")
+        raise  # pragma: no cover - fail() raises
+
+
+@guard.command()
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def rebuild(account: str | None) -> None:
+    """Rebuild the guard's state from the ledger now (admits refuse for the moment it takes)."""
+    from worker import reconcile
+    from worker.guard import GuardUnavailable
+
+    guard = _account_guard(account)
+    try:
+        reconcile.rebuild_guard(force=True, account=guard.account)
+        snapshot = guard.account_snapshot()
     except GuardUnavailable:
         fail("Redis does not answer: the guard cannot be rebuilt now", code=1)
         return
@@ -229,7 +254,8 @@ def rebuild() -> None:
 @click.option(
     "--by", "released_by", required=True, help="Who releases it (recorded in the ledger and the log)."
 )
-def release(phone: str, released_by: str) -> None:
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def release(phone: str, released_by: str, account: str | None) -> None:
     """Free a number held at its streak limit: its streak starts afresh and its waiting payments go out.
 
     UpesiPay documents no expiry for a streak: release a number only once the customer asked to be prompted
@@ -246,7 +272,7 @@ def release(phone: str, released_by: str) -> None:
     if not released_by.strip():
         fail("--by: must name who releases the number")
     try:
-        waiting = reconcile.release_phone(canonical, released_by.strip())
+        waiting = reconcile.release_phone(canonical, released_by.strip(), _account_guard(account).account)
     except GuardUnavailable:
         fail("Redis does not answer: the release is recorded and applies at the next rebuild", code=1)
         return
@@ -255,13 +281,14 @@ def release(phone: str, released_by: str) -> None:
 
 @guard.command()
 @click.option("--repair", is_flag=True, help="Also resolve reservations whose attempt has ended.")
-def verify(repair: bool) -> None:
+@click.option("--account", default=None, help="The account (default: UPESIPAY_ACCOUNT's).")
+def verify(repair: bool, account: str | None) -> None:
     """Compare the guard's live state with what the ledger implies; exit 1 on drift."""
     from worker import reconcile
     from worker.guard import GuardUnavailable
 
     try:
-        drift = reconcile.verify_guard(repair=repair)
+        drift = reconcile.verify_guard(repair=repair, account=_account_guard(account).account)
     except GuardUnavailable:
         fail("Redis does not answer: the guard cannot be verified now", code=1)
         return
@@ -375,9 +402,11 @@ _register_batch()
 
 
 def _register_webhook() -> None:
+    from worker.cli.account import account_command
     from worker.cli.webhook import webhook_command
 
     main.add_command(webhook_command, name="webhook")
+    main.add_command(account_command, name="account")
 
 
 _register_webhook()

@@ -19,7 +19,8 @@ faults. State lives in memory; nothing is written to disk.
 \b
 Point a worker at it:
   UPESIPAY_BASE_URL=http://127.0.0.1:PORT  UPESIPAY_AUTH_TOKEN=<one of the --token values>
-Each --token is one UpesiPay account (account-1, account-2, ... in /sandbox/stats, in the order given).
+Each --token is one UpesiPay account (account-1, account-2, ... in /sandbox/stats, in the order given),
+with abuse counters of its own (stats: rule_triggers_by_account, pushes_by_account).
 
 \b
 API (every call needs "Authorization: Basic <token>", else 401 {"error_message": ...}):

@@ -161,6 +161,11 @@ class SandboxProvider:
         self.pushes_total = 0
         self.pushes_by_reference: Counter[str] = Counter()
         self.rule_triggers = dict.fromkeys(self.config.limits.rule_names, 0)
+        # The same counts per account label: each token is an account with abuse counters of its own.
+        self.rule_triggers_by_account = {
+            label: dict.fromkeys(self.config.limits.rule_names, 0) for label in accounts
+        }
+        self.pushes_by_account: Counter[str] = Counter()
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.queued = 0
         self.callbacks_sent = 0
@@ -209,6 +214,7 @@ class SandboxProvider:
         if push.external_reference is not None:
             self.pushes_by_reference[push.external_reference] += 1
         self.pushes_total += 1
+        self.pushes_by_account[account] += 1
         delay = self.callback_delay_s
         if delay <= 0:
             # Applied before the 201 goes out, so the very next request sees its effect on the abuse rules.
@@ -299,6 +305,7 @@ class SandboxProvider:
             del self._inflight[phone]
         for rule in self.rules[transaction.account].record_outcome(phone, failed, at):
             self.rule_triggers[rule] += 1
+            self.rule_triggers_by_account[transaction.account][rule] += 1
             log.warning(
                 "abuse rule %s triggered on %s by %s (outcome %s)",
                 rule,
@@ -420,6 +427,10 @@ class SandboxProvider:
             "pushes_by_reference": dict(self.pushes_by_reference),
             "rule_triggers": dict(self.rule_triggers),
             "rule_triggers_total": sum(self.rule_triggers.values()),
+            "rule_triggers_by_account": {
+                label: dict(rules) for label, rules in self.rule_triggers_by_account.items()
+            },
+            "pushes_by_account": dict(self.pushes_by_account),
             "blocked_numbers": sorted(blocked),
             "account_restricted_until": {
                 label: None if until is None else iso(until) for label, until in restricted.items()

@@ -99,10 +99,11 @@ class UpesiPayClient:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> UpesiPayClient:
+    def from_settings(cls, settings: Settings, auth_token: str | None = None) -> UpesiPayClient:
+        """The client of the environment's account, or (given its token) of another account."""
         return cls(
             str(settings.upesipay_base_url),
-            settings.upesipay_auth_token.get_secret_value(),
+            settings.upesipay_auth_token.get_secret_value() if auth_token is None else auth_token,
             connect_timeout_s=settings.upesipay_connect_timeout_s,
             read_timeout_s=settings.upesipay_read_timeout_s,
         )

@@ -16,6 +16,8 @@ from worker.guard import recovery
 from worker.ledger import utcnow
 from worker.logs import setup_logging
 from worker.migrations import DatabaseNotMigrated, require_migrated
+from worker.web.access import AccessRefused, access_refused
+from worker.web.accounts_api import router as accounts_router
 from worker.web.callbacks import router as callbacks_router
 from worker.web.dashboard import router as dashboard_router
 from worker.web.metrics import router as metrics_router
@@ -46,6 +48,7 @@ def create_app() -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.add_exception_handler(AccessRefused, access_refused)
     app.include_router(metrics_router)
     app.include_router(dashboard_router)
 
@@ -85,4 +88,5 @@ def create_app() -> FastAPI:
     app.include_router(callbacks_router)
     app.include_router(payments_router)
     app.include_router(webhooks_router)
+    app.include_router(accounts_router)
     return app

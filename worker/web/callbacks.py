@@ -26,7 +26,11 @@ from worker.provider_callback import (
     identity_unknown,
     parse_callback,
 )
-from worker.signing import attempt_signature_matches, signature_matches
+from worker.signing import (
+    account_attempt_signature_matches,
+    attempt_signature_matches,
+    signature_matches,
+)
 
 log = logging.getLogger("stkpush.web")
 
@@ -42,16 +46,39 @@ def refused(status: int, problem: CallbackProblem) -> JSONResponse:
     )
 
 
+@router.post(
+    "/callbacks/upesipay/accounts/{account}/attempts/{attempt_id}/{signature}", include_in_schema=False
+)
+async def upesipay_account_attempt_callback(
+    account: str, attempt_id: str, signature: str, request: Request
+) -> JSONResponse:
+    """The URL a send of a stored account names: the signature covers the account and the attempt, and the
+    attempt must be that account's (a callback can't settle another merchant's payment)."""
+    settings = runtime.settings()
+    if not account_attempt_signature_matches(
+        settings.callback_secret.get_secret_value(), account, attempt_id, signature
+    ):
+        log.warning("callback with a bad signature refused (attempt id %.12s)", attempt_id)
+        return JSONResponse({"error": "forbidden"}, status_code=403)
+    return await _settle_attempt(attempt_id, account, request)
+
+
 @router.post("/callbacks/upesipay/attempts/{attempt_id}/{signature}", include_in_schema=False)
 async def upesipay_attempt_callback(attempt_id: str, signature: str, request: Request) -> JSONResponse:
-    """The URL every send names since send attempts: the callback settles that attempt, and only it."""
+    """The URL every send of the environment's account names since send attempts: the callback settles that
+    attempt, and only it."""
     settings = runtime.settings()
     if not attempt_signature_matches(settings.callback_secret.get_secret_value(), attempt_id, signature):
         log.warning("callback with a bad signature refused (attempt id %.12s)", attempt_id)
         return JSONResponse({"error": "forbidden"}, status_code=403)
+    return await _settle_attempt(attempt_id, settings.upesipay_account, request)
+
+
+async def _settle_attempt(attempt_id: str, account: str, request: Request) -> JSONResponse:
     attempt = get_attempt(runtime.engine(), attempt_id)
-    if attempt is None:
-        log.warning("callback for unknown attempt %.12s refused", attempt_id)
+    if attempt is None or attempt.account != account:
+        # Another account's attempt is answered like an unknown one: the URL says nothing about other accounts.
+        log.warning("callback for unknown attempt %.12s of account %s refused", attempt_id, account[:64])
         return JSONResponse({"error": "unknown payment"}, status_code=404)
     return await _settle(attempt.payment_id, attempt, request)
 
@@ -64,10 +91,12 @@ async def upesipay_callback(payment_id: str, signature: str, request: Request) -
     if not signature_matches(settings.callback_secret.get_secret_value(), payment_id, signature):
         log.warning("callback with a bad signature refused (payment id %.12s)", payment_id)
         return JSONResponse({"error": "forbidden"}, status_code=403)
-    return await _settle(payment_id, None, request)
+    return await _settle(payment_id, None, request, settings.upesipay_account)
 
 
-async def _settle(payment_id: str, attempt: SendAttempt | None, request: Request) -> JSONResponse:
+async def _settle(
+    payment_id: str, attempt: SendAttempt | None, request: Request, account: str | None = None
+) -> JSONResponse:
     body = await request.body()
     if len(body) > MAX_CALLBACK_BYTES:
         return refused(413, CallbackProblem("body", f"must be at most {MAX_CALLBACK_BYTES} bytes"))
@@ -77,7 +106,7 @@ async def _settle(payment_id: str, attempt: SendAttempt | None, request: Request
         log.warning("callback for payment %s refused: %s", payment_id, problem)
         return refused(400, problem)
     payment = get_payment(runtime.engine(), payment_id)
-    if payment is None:
+    if payment is None or (account is not None and payment.account != account):
         log.warning("callback for unknown payment %.12s refused", payment_id)
         return JSONResponse({"error": "unknown payment"}, status_code=404)
     if attempt is None:

@@ -12,14 +12,15 @@ import json
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse
 from sqlalchemy import Engine, func
 from sqlmodel import col, select
 
 from worker import forecast, other_channels, runtime
+from worker.accounts import UnknownAccount
 from worker.guard import Guard
 from worker.ledger import (
     TERMINAL_STATES,
@@ -176,19 +177,21 @@ def _other_channels_view(account: str) -> dict[str, Any]:
     }
 
 
-def snapshot() -> dict[str, Any]:
-    """Everything the dashboard shows, as JSON-ready values; phone numbers masked."""
-    engine, account = runtime.engine(), runtime.settings().upesipay_account
+def snapshot(account: str | None = None) -> dict[str, Any]:
+    """Everything the dashboard shows of `account` (None: the environment's), as JSON-ready values; phone numbers
+    masked. UnknownAccount when there is no such account."""
+    engine, account = runtime.engine(), runtime.account(account).name
     payments = count_by_state(engine, account)
     data: dict[str, Any] = {
         "account": account,
+        "accounts": runtime.accounts(),  # the switcher's choices
         "generated_at": utcnow().isoformat(timespec="seconds"),
         "payments": payments,
         "payments_total": sum(payments.values()),
         "batches": _running_batches(engine, account),
         "other_channels": _other_channels_view(account),
     }
-    settings = runtime.settings()
+    settings = runtime.settings_of(account)
     budget = forecast.budget_forecast(engine, account, settings)
     data["forecast"] = budget.as_dict()
     data["chart"] = {
@@ -198,10 +201,10 @@ def snapshot() -> dict[str, Any]:
         "points": forecast.window_series(engine, account, settings),
     }
     try:
-        guard = runtime.guard()
+        guard = runtime.guard_of(account)
         data["guard"] = _guard_view(guard)
         data["blocked"] = _blocked_numbers(engine, guard, account)
-        data["paused_s"] = round(runtime.credentials_pause().remaining_s(), 1)
+        data["paused_s"] = round(runtime.credentials_pause_of(account).remaining_s(), 1)
     except Exception as error:  # the guard's Redis is away: show that, keep the ledger's numbers
         data["guard"] = {"available": False, "error": type(error).__name__}
         data["blocked"] = []
@@ -209,16 +212,28 @@ def snapshot() -> dict[str, Any]:
     return data
 
 
+AccountChoice = Annotated[str | None, Query(max_length=64, description="default: the environment's account")]
+
+
+def _snapshot_of(account: str | None) -> dict[str, Any]:
+    try:
+        return snapshot(account)
+    except UnknownAccount:
+        raise HTTPException(404, detail="no such account") from None
+
+
 @router.get("/dashboard/data")
-def dashboard_data() -> dict[str, Any]:
-    return snapshot()
+def dashboard_data(account: AccountChoice = None) -> dict[str, Any]:
+    return _snapshot_of(account)
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
-def dashboard(every: float = Query(DEFAULT_REFRESH_S, ge=1, le=300)) -> HTMLResponse:
+def dashboard(
+    every: float = Query(DEFAULT_REFRESH_S, ge=1, le=300), account: AccountChoice = None
+) -> HTMLResponse:
     # The first render comes with the page (no blank flash, and it works for a reader without scripts running
     # yet); the script then refreshes from /dashboard/data every `every` seconds.
-    initial = json.dumps(snapshot()).replace("<", "\\u003c")
+    initial = json.dumps(_snapshot_of(account)).replace("<", "\\u003c")
     nonce = secrets.token_urlsafe(18)
     page = (
         PAGE.replace("__NONCE__", nonce)
@@ -273,7 +288,8 @@ PAGE = """<!doctype html>
 </style>
 </head>
 <body data-refreshes="0">
-<header><h1>stkpush</h1><span>account <b id="account"></b></span><span id="status">loading</span></header>
+<header><h1>stkpush</h1><span>account <b id="account"></b></span>
+<label>switch to <select id="account-switch"></select></label><span id="status">loading</span></header>
 <main>
   <section id="budget">
     <h2>Failure budget</h2>
@@ -312,6 +328,8 @@ PAGE = """<!doctype html>
 const INITIAL = __INITIAL__;
 const EVERY_MS = __EVERY_MS__;
 const DATA_URL = new URL("dashboard/data", window.location.href);
+const CHOSEN = new URL(window.location.href).searchParams.get("account");
+if (CHOSEN) DATA_URL.searchParams.set("account", CHOSEN);
 let refreshes = 0;
 
 function el(tag, text, cls) {
@@ -336,8 +354,26 @@ function duration(seconds) {
   return Math.round(seconds) + " s";
 }
 
+function switcher(d) {
+  // The account switcher: the page again with ?account=NAME (the data's own list of enabled accounts).
+  const select = document.getElementById("account-switch");
+  if (select.options.length === d.accounts.length) return;
+  select.replaceChildren(...d.accounts.map((name) => {
+    const option = el("option", name);
+    option.value = name;
+    option.selected = name === d.account;
+    return option;
+  }));
+  select.onchange = () => {
+    const next = new URL(window.location.href);
+    next.searchParams.set("account", select.value);
+    window.location.assign(next.toString());
+  };
+}
+
 function render(d) {
   set("account", d.account);
+  switcher(d);
   const g = d.guard;
   if (g.available) {
     set("failures", g.failures_in_window);

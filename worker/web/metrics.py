@@ -19,6 +19,7 @@ from worker.events import Event
 from worker.guard import recovery
 from worker.ledger import Payment, PaymentState, count_by_state, session_scope, utcnow
 from worker.metrics import shared
+from worker.web.account_metrics import account_families
 from worker.webhooks.store import DeliveryState, WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger("stkpush.metrics")
@@ -43,6 +44,7 @@ class StkpushCollector(Collector):
             ("guard", self._guard),
             ("counters", self._counters),
             ("other_channels", self._other_channels),
+            ("accounts", account_families),
         )
         for source, read in sources:
             try:

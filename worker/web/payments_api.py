@@ -1,8 +1,11 @@
 """The producer HTTP API: POST /payments (one payment), POST /batches (a bulk invoice file), GET /batches/{id}.
 
 Every route needs an `X-API-Key` (one of API_KEYS, compared in constant time); without one the request is refused
-with 401 before its body is read, and nothing changes. Validation errors are 422 and name every bad field with its
-rule, in one shape: {"detail": ..., "errors": [{"field": ..., "rule": ...}]}.
+with 401 before its body is read, and nothing changes. A key is one account's (worker/web/access.py): it creates
+and sees that account's payments and batches only (403 creating for another account, 404 reading another's); an
+admin key names the account with `account` (body) or `?account=` (default: the environment's). Validation
+errors are 422 and name every bad field with its rule, in one shape:
+{"detail": ..., "errors": [{"field": ..., "rule": ...}]}.
 
 POST /batches answers 202 with the batch id as soon as the upload is stored; ingestion then runs in this web
 process, on one background thread (batches are ingested one after another; a waiting batch shows INGESTING with
@@ -41,10 +44,17 @@ from producers.enqueue import PaymentConflictError, enqueue_payment
 from producers.validation import PaymentValidationError, expires_in_error, validate_payment
 from worker import batch_brake, reprompts, runtime
 from worker.ledger import TERMINAL_STATES, Payment, find_by_reference, get_payment
-from worker.web.access import history_view, payment_view, require_api_key
+from worker.web.access import Caller, history_view, payment_view, require_api_key
 from worker.web.waiting import wait_for_outcome
 
 log = logging.getLogger("stkpush.api")
+
+AccountQuery = Annotated[
+    str | None,
+    Query(
+        max_length=64, description="Admin keys: the account (default: the environment's); others: their own"
+    ),
+]
 
 
 # Uploads and rejects files live here (per machine): the web process stores an upload, ingests it, deletes it.
@@ -90,7 +100,11 @@ class PaymentIn(BaseModel):
         description="Your unique reference (generated when absent); makes the request idempotent",
     )
     customer_name: str | None = Field(default=None, max_length=100)
-    channel_id: int | None = Field(default=None, description="Default: UPESIPAY_CHANNEL_ID")
+    channel_id: int | None = Field(default=None, description="Default: the account's first channel")
+    account: str | None = Field(
+        default=None,
+        description="The UpesiPay account; default: the API key's (admin keys: the environment's)",
+    )
     expires_in: int | None = Field(
         default=None,
         description="Seconds the prompt is worth sending for; not sent by then, the payment ends EXPIRED. "
@@ -195,7 +209,7 @@ def problem(status: int, detail: str, errors: list[dict[str, str]]) -> JSONRespo
         }
     },
 )
-async def create_payment(request: Request) -> JSONResponse:
+async def create_payment(request: Request, caller: Caller) -> JSONResponse:
     body = b""
     async for piece in request.stream():
         body += piece
@@ -212,10 +226,15 @@ async def create_payment(request: Request) -> JSONResponse:
     if not isinstance(document, dict):
         return problem(422, "invalid payment request", [{"field": "body", "rule": "must be a JSON object"}])
     settings = runtime.settings()
+    requested = document.get("account")
+    if requested is not None and not isinstance(requested, str):
+        return problem(422, "invalid payment request", [{"field": "account", "rule": "must be a string"}])
+    account = caller.account_for(requested)
     deadline_error = expires_in_error(document.get("expires_in"))
     try:
-        # expires_in is the request's, not the payment's: the one schema knows the payment's fields only.
-        fields = {name: value for name, value in document.items() if name != "expires_in"}
+        # expires_in and account are the request's, not the payment's: the one schema knows the payment's
+        # fields only.
+        fields = {name: value for name, value in document.items() if name not in ("expires_in", "account")}
         validate_payment(fields, amount_min=settings.amount_min, amount_max=settings.amount_max)
     except PaymentValidationError as error:
         errors = error.errors + ([deadline_error] if deadline_error else [])
@@ -232,8 +251,11 @@ async def create_payment(request: Request) -> JSONResponse:
                 channel_id=document.get("channel_id"),
                 queue="single",
                 expires_in=document.get("expires_in"),
+                account=account,
             )
         )
+    except PaymentValidationError as error:
+        return problem(422, "invalid payment request", error.as_dict())
     except PaymentConflictError as error:
         return JSONResponse({"detail": str(error), "fields": error.fields}, status_code=409)
     payment = await run_in_threadpool(get_payment, runtime.engine(), handle.id)
@@ -286,6 +308,7 @@ def _ingestion_pool() -> ThreadPoolExecutor:
 )
 async def create_batch(
     request: Request,
+    caller: Caller,
     file_format: Annotated[
         FileFormat | None, Query(alias="format", description="Default: from Content-Type, then from name")
     ] = None,
@@ -297,7 +320,9 @@ async def create_batch(
     reprompt_after: Annotated[
         str | None, Query(description="With reprompt: least time between prompts, e.g. 4h, 30m, 90s")
     ] = None,
+    account: AccountQuery = None,
 ) -> JSONResponse:
+    chosen = caller.account_for(account)
     try:
         count = int(reprompt) if reprompt is not None and reprompt.strip().isdigit() else None
         if reprompt is not None and count is None:
@@ -332,11 +357,19 @@ async def create_batch(
     except BaseException:
         upload.unlink(missing_ok=True)
         raise
-    batch_id = await run_in_threadpool(
-        lambda: open_batch(
-            name, all_or_nothing=all_or_nothing, reprompt=reprompt_max, reprompt_after_s=reprompt_after_s
+    try:
+        batch_id = await run_in_threadpool(
+            lambda: open_batch(
+                name,
+                all_or_nothing=all_or_nothing,
+                account=chosen,
+                reprompt=reprompt_max,
+                reprompt_after_s=reprompt_after_s,
+            )
         )
-    )
+    except PaymentValidationError as error:
+        upload.unlink(missing_ok=True)
+        return problem(422, "invalid batch", error.as_dict())
     _ingestion_pool().submit(_ingest_upload, upload, batch_id, fmt, all_or_nothing)
     status_url = f"/batches/{batch_id}"
     return JSONResponse(
@@ -358,8 +391,8 @@ class _Refused(Exception):
     summary="A batch: rows, payments by state, money requested and collected, why payments wait",
     responses={404: {"description": "no such batch"}},
 )
-def get_batch(batch_id: str) -> dict[str, Any]:
-    status = batch_status(batch_id)
+def get_batch(batch_id: str, caller: Caller, account: AccountQuery = None) -> dict[str, Any]:
+    status = batch_status(batch_id, caller.account_for(account))
     if status is None:
         raise HTTPException(404, detail="no batch with that id")
     if status["rejects_path"] and Path(status["rejects_path"]).is_file():
@@ -374,8 +407,8 @@ def get_batch(batch_id: str) -> dict[str, Any]:
     summary="Resume a batch that paused itself: its held rows are released within the bulk lane",
     responses={404: {"description": "no such batch"}, 409: {"description": "the batch is not paused"}},
 )
-def resume_batch(batch_id: str) -> dict[str, Any]:
-    if batch_status(batch_id) is None:
+def resume_batch(batch_id: str, caller: Caller, account: AccountQuery = None) -> dict[str, Any]:
+    if batch_status(batch_id, caller.account_for(account)) is None:
         raise HTTPException(404, detail="no batch with that id")
     released = batch_brake.resume(batch_id)
     if released is None:
@@ -389,8 +422,8 @@ def resume_batch(batch_id: str) -> dict[str, Any]:
     response_class=FileResponse,
     responses={200: {"content": {"text/csv": {}}}, 404: {"description": "no such batch, or no bad rows"}},
 )
-def get_batch_rejects(batch_id: str) -> FileResponse:
-    status = batch_status(batch_id)
+def get_batch_rejects(batch_id: str, caller: Caller, account: AccountQuery = None) -> FileResponse:
+    status = batch_status(batch_id, caller.account_for(account))
     if status is None or not status["rejects_path"] or not Path(status["rejects_path"]).is_file():
         raise HTTPException(404, detail="no rejects for that batch")
     return FileResponse(status["rejects_path"], media_type="text/csv", filename=f"{batch_id}.rejects.csv")
@@ -406,14 +439,17 @@ def get_batch_rejects(batch_id: str) -> FileResponse:
 )
 async def payment_status(
     external_reference: str,
+    caller: Caller,
     wait: Annotated[
         str | None,
         Query(
             description="Seconds to hold the request while the payment is in flight (0..PAYMENT_WAIT_MAX_S)"
         ),
     ] = None,
+    account: AccountQuery = None,
 ) -> JSONResponse:
     settings = runtime.settings()
+    chosen = caller.account_for(account)
     wait_s = 0
     if wait is not None:
         rule = f"must be a whole number of seconds from 0 to {settings.payment_wait_max_s}"
@@ -422,7 +458,7 @@ async def payment_status(
         wait_s = int(wait)
 
     def read() -> Payment | None:
-        return find_by_reference(runtime.engine(), settings.upesipay_account, external_reference)
+        return find_by_reference(runtime.engine(), chosen, external_reference)
 
     payment = await run_in_threadpool(read)
     if payment is None:
@@ -442,10 +478,11 @@ async def payment_status(
         },
     },
 )
-def retry_payment(ref: str) -> JSONResponse:
+async def retry_payment(ref: str, caller: Caller, account: AccountQuery = None) -> JSONResponse:
     from worker import retry
 
-    answer = retry.retry_payment(ref, "api")
+    chosen = caller.account_for(account)
+    answer = await run_in_threadpool(lambda: retry.retry_payment(ref, "api", chosen))
     if answer is None:
         return JSONResponse({"detail": "no payment with that external_reference or id"}, status_code=404)
     view = retry.reopen_view(answer)

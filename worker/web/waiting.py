@@ -76,16 +76,18 @@ class OutcomeWaiters:
 
     def _listen(self) -> None:
         settings = runtime.settings()
-        channel = outcome_channel(settings.upesipay_account, settings.redis_key_prefix)
+        # Every account's outcomes (account names never hold glob characters): a note for another account's
+        # payment with the same reference only makes its waiter read the ledger once more.
+        channel = outcome_channel("*", settings.redis_key_prefix)
         while True:
             client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=None)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                pubsub.subscribe(channel)
+                pubsub.psubscribe(channel)
                 self._subscribed.set()
                 while True:
                     message = pubsub.get_message(timeout=LISTEN_TIMEOUT_S)
-                    if message is None or message.get("type") != "message":
+                    if message is None or message.get("type") not in ("message", "pmessage"):
                         continue
                     try:
                         reference = json.loads(message["data"])["external_reference"]
