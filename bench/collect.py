@@ -170,6 +170,7 @@ def run_policy(
             # The batch brake off: it pauses a batch whose recent outcomes fail far more than the account's, which
             # a random run of FIFO failures (or the tail of a scored batch) trips; this measures the order alone.
             "BATCH_PAUSE_OUTCOMES": "0",
+            "INTERACTIVE_RESERVE": str(args.reserve),
         },
         log_to=workdir / policy,
         workers=2,
@@ -278,6 +279,12 @@ def main() -> int:
         type=float,
         default=0.0,
         help="after the first window, wait this long for the batch to end",
+    )
+    parser.add_argument(
+        "--reserve",
+        type=int,
+        default=10,
+        help="INTERACTIVE_RESERVE: the budget kept for checkouts (none come in this run; 0 gives the batch all 50)",
     )
     parser.add_argument("--policies", default="fifo,score")
     parser.add_argument("--keep", type=Path, default=None, help="keep logs and ledgers here")
