@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlmodel import col
 
 from worker import runtime
@@ -75,6 +75,24 @@ class BudgetForecast:
         }
 
 
+def _failure_times(connection: Connection, account: str, since: datetime) -> list[datetime]:
+    """When the account's failures after `since` happened, oldest first: our attempts that ended in a failure and
+    other channels' failures, as the provider's window counts them."""
+    ours = connection.execute(
+        select(col(SendAttempt.outcome_at)).where(
+            col(SendAttempt.account) == account,
+            col(SendAttempt.outcome) == AttemptOutcome.FAILURE,
+            col(SendAttempt.outcome_at) > since,
+        )
+    ).scalars()
+    theirs = connection.execute(
+        select(col(ExternalFailure.failed_at)).where(
+            col(ExternalFailure.account) == account, col(ExternalFailure.failed_at) > since
+        )
+    ).scalars()
+    return sorted(_aware(moment) for moment in [*ours, *theirs] if moment is not None)
+
+
 def budget_forecast(
     engine: Engine, account: str, settings: Settings, now: datetime | None = None
 ) -> BudgetForecast:
@@ -82,19 +100,7 @@ def budget_forecast(
     window = timedelta(seconds=settings.account_window_s)
     since = now - window
     with engine.connect() as connection:
-        ours = connection.execute(
-            select(col(SendAttempt.outcome_at)).where(
-                col(SendAttempt.account) == account,
-                col(SendAttempt.outcome) == AttemptOutcome.FAILURE,
-                col(SendAttempt.outcome_at) > since,
-            )
-        ).scalars()
-        theirs = connection.execute(
-            select(col(ExternalFailure.failed_at)).where(
-                col(ExternalFailure.account) == account, col(ExternalFailure.failed_at) > since
-            )
-        ).scalars()
-        times = sorted(_aware(moment) for moment in [*ours, *theirs] if moment is not None)
+        times = _failure_times(connection, account, since)
         in_flight = connection.execute(
             select(func.count())
             .select_from(SendAttempt)
@@ -277,19 +283,7 @@ def window_series(
     window = timedelta(seconds=settings.account_window_s)
     since = now - timedelta(seconds=span_s) - window
     with engine.connect() as connection:
-        ours = connection.execute(
-            select(col(SendAttempt.outcome_at)).where(
-                col(SendAttempt.account) == account,
-                col(SendAttempt.outcome) == AttemptOutcome.FAILURE,
-                col(SendAttempt.outcome_at) > since,
-            )
-        ).scalars()
-        theirs = connection.execute(
-            select(col(ExternalFailure.failed_at)).where(
-                col(ExternalFailure.account) == account, col(ExternalFailure.failed_at) > since
-            )
-        ).scalars()
-        times = sorted(_aware(moment).timestamp() for moment in [*ours, *theirs] if moment is not None)
+        times = [moment.timestamp() for moment in _failure_times(connection, account, since)]
     series = []
     first = bisect_left = 0
     for index in range(points):
