@@ -40,11 +40,12 @@ class BulkOrder:
         return (col(Payment.created_at),)
 
     def releasable(self, due: Any) -> Any:
-        """Which DEFERRED batch rows the dispatcher may release now: the due ones, and under `score` also those
-        waiting only for the bulk lane or the budget (their due time is a retry hint; the dispatcher releases only
-        within the lane's headroom, so a better row is not overtaken by a worse one that happens to be due)."""
-        if not self.by_score:
-            return due
+        """Which DEFERRED batch rows the dispatcher may release now: the due ones, and also those waiting only for
+        the bulk lane or the budget, under either order. Their due time is only a retry hint (30 s when the lane
+        was full of sends in flight), while the lane may have room again at the next tick, once a failure slides
+        out of the window (no resolve comes then to release a row). The dispatcher releases within the lane's
+        headroom only, in this order's `waiting()` order, so a better (or older) row is not overtaken by a worse
+        one that happens to be due."""
         reasons = [
             f"guard: {reason.value}"
             for reason in (RefusalReason.BULK_LANE_FULL, RefusalReason.ACCOUNT_BUDGET)

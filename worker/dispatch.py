@@ -130,10 +130,17 @@ def _release_deferred_of(account: str) -> int:
         & (col(Payment.next_attempt_at) <= now)
         & (col(Payment.account) == account)
     )
+    # A single payment refused for the budget goes as soon as there is room, whatever its retry hint said: the
+    # room may come back at this tick, as a failure slides out of the window, with no resolve to release it.
+    for_budget = (
+        (col(Payment.state) == PaymentState.DEFERRED)
+        & (col(Payment.account) == account)
+        & (col(Payment.reason) == guard_refusal_reason(RefusalReason.ACCOUNT_BUDGET))
+    )
     with session_scope(runtime.engine()) as session:
         singles = session.exec(
             select(Payment.id)
-            .where(due, col(Payment.queue) == "single")
+            .where(due | for_budget, col(Payment.queue) == "single")
             .order_by(col(Payment.next_attempt_at), col(Payment.created_at))
             .limit(min(snapshot.headroom, TICK_LIMIT))
         ).all()

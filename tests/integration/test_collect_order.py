@@ -199,8 +199,10 @@ def test_reprompts_respect_their_limit_and_spacing_and_never_follow_a_success(
 def test_a_steady_batchs_forecast_finish_is_within_a_quarter_of_the_actual(
     redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    window_s, rows = 15, 48
-    # Every other row cancels: a steady 50% failure rate; 8 failures per 15 s window for the bulk lane.
+    window_s, rows = 10, 40
+    # Every other row cancels: a steady 50% failure rate; 8 failures per 10 s window for the bulk lane. The 20
+    # failures fill two windows and half of a third: a rate estimate off by a few points still ends in the third
+    # (with 24, the budget's multiple, it would fall either side of a whole window's wait).
     phones = {f"07130000{n:02d}": ("cancelled" if n % 2 else "success") for n in range(rows)}
     scenario = {"seed": 13, "callback_delay_s": 0.3, "default": "success", "phones": phones}
     env = {
@@ -232,7 +234,8 @@ def test_a_steady_batchs_forecast_finish_is_within_a_quarter_of_the_actual(
                     select(Payment.state).where(col(Payment.batch_id) == report.batch_id)
                 ).all()
             ended = sum(state in TERMINAL_STATES for state in states)
-            if predicted is None and ended >= rows / 10:
+            # Once a third of the rows have ended: the observed rate then rests on a dozen outcomes.
+            if predicted is None and ended >= rows / 3:
                 eta = forecast.batch_forecast(runtime.engine(), report.batch_id, settings)
                 assert eta is not None and eta.finish_at is not None
                 predicted, made_at = eta.finish_at, utcnow()
@@ -244,6 +247,6 @@ def test_a_steady_batchs_forecast_finish_is_within_a_quarter_of_the_actual(
         assert predicted is not None and made_at is not None
         actual_s = (finished - made_at).total_seconds()
         error_s = abs((predicted - finished).total_seconds())
-        assert actual_s > 2 * window_s  # the budget, not the pace, set the finish
+        assert actual_s > 1.5 * window_s  # the budget, not the pace, set the finish (the pace alone: ~4 s)
         assert error_s <= 0.25 * actual_s, (predicted, finished, actual_s)
         assert stack.sandbox_stats()["rule_triggers_total"] == 0
