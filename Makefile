@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/stkpush demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to a process: its tests mostly wait on real
+# stacks (windows, callbacks, outages), so three share two cores well. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
+
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

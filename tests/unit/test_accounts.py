@@ -160,7 +160,9 @@ def test_rotate_key_reencrypts_every_token_so_the_old_key_can_be_dropped(
         TokenBox(KEY).decrypt(stored_row("acme").token_ciphertext)
 
 
-@pytest.mark.parametrize("keys", ["", "not-a-fernet-key", f"{KEY},short"])
+@pytest.mark.parametrize(
+    "keys", ["", "not-a-fernet-key", f"{KEY},short"], ids=["missing", "malformed", "good-then-short"]
+)
 def test_a_missing_or_malformed_key_is_refused_without_quoting_it(keys: str) -> None:
     with pytest.raises(TokenKeyError, match="ACCOUNT_TOKEN_KEY") as refused:
         TokenBox(keys)
