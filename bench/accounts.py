@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from guard_cluster import admit_rate  # noqa: E402
+from guard_cluster import compare  # noqa: E402
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -157,25 +157,7 @@ def main() -> int:
         f"rule triggers {stats['rule_triggers_total']}"
     )
 
-    import redis
-    from redis.cluster import ClusterNode, RedisCluster
-
-    from worker.local.embedded_redis import EmbeddedRedis
-    from worker.local.redis_cluster import EmbeddedRedisCluster
-
-    with EmbeddedRedis() as single_server, EmbeddedRedisCluster(masters=3) as cluster_server:
-        single = redis.Redis.from_url(single_server.url)
-        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster_server.startup_nodes])
-        admit_rate(single, 99, 300, args.accounts)  # warm up: script loading, connections
-        admit_rate(cluster, 99, 300, args.accounts)
-        single_rates, cluster_rates = [], []
-        for rep in range(args.reps):
-            single_rates.append(admit_rate(single, rep, args.ops, args.accounts))
-            cluster_rates.append(admit_rate(cluster, rep, args.ops, args.accounts))
-        spread = [node.dbsize() for node in cluster_server.node_clients()]
-        single.close()
-        cluster.close()
-    one, many = statistics.median(single_rates), statistics.median(cluster_rates)
+    one, many, spread = compare(args.reps, args.ops, args.accounts)
     print(
         f"\nguard admit rate, medians of {args.reps} reps x {args.ops} admits over {args.accounts} accounts"
     )

@@ -41,6 +41,26 @@ def admit_rate(client: redis.Redis | RedisCluster, rep: int, ops: int, accounts:
     return ops / (time.perf_counter() - started)
 
 
+def compare(reps: int, ops: int, accounts: int, verbose: bool = False) -> tuple[float, float, list[int]]:
+    """Median admit rates on a private single Redis and a private 3-master cluster, measured in turn in one run,
+    and the keys per master after; bench/accounts.py prints the same comparison."""
+    with EmbeddedRedis() as single_server, EmbeddedRedisCluster(masters=3) as cluster_server:
+        single = redis.Redis.from_url(single_server.url)
+        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster_server.startup_nodes])
+        admit_rate(single, 99, 300, accounts)  # warm up: script loading, connections
+        admit_rate(cluster, 99, 300, accounts)
+        single_rates, cluster_rates = [], []
+        for rep in range(reps):
+            single_rates.append(admit_rate(single, rep, ops, accounts))
+            cluster_rates.append(admit_rate(cluster, rep, ops, accounts))
+            if verbose:
+                print(f"rep {rep + 1}: single {single_rates[-1]:8.0f}/s  cluster {cluster_rates[-1]:8.0f}/s")
+        spread = [node.dbsize() for node in cluster_server.node_clients()]
+        single.close()
+        cluster.close()
+    return statistics.median(single_rates), statistics.median(cluster_rates), spread
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,20 +69,7 @@ def main() -> int:
     parser.add_argument("--ops", type=int, default=3000)
     parser.add_argument("--accounts", type=int, default=200)
     args = parser.parse_args()
-    with EmbeddedRedis() as single_server, EmbeddedRedisCluster(masters=3) as cluster_server:
-        single = redis.Redis.from_url(single_server.url)
-        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster_server.startup_nodes])
-        admit_rate(single, 99, 300, args.accounts)  # warm up: script loading, connections
-        admit_rate(cluster, 99, 300, args.accounts)
-        single_rates, cluster_rates = [], []
-        for rep in range(args.reps):
-            single_rates.append(admit_rate(single, rep, args.ops, args.accounts))
-            cluster_rates.append(admit_rate(cluster, rep, args.ops, args.accounts))
-            print(f"rep {rep + 1}: single {single_rates[-1]:8.0f}/s  cluster {cluster_rates[-1]:8.0f}/s")
-        spread = [node.dbsize() for node in cluster_server.node_clients()]
-        single.close()
-        cluster.close()
-    one, many = statistics.median(single_rates), statistics.median(cluster_rates)
+    one, many, spread = compare(args.reps, args.ops, args.accounts, verbose=True)
     print(f"\nmedians over {args.reps} reps of {args.ops} admits over {args.accounts} accounts")
     print(f"  guard.admit on one Redis            {one:9.0f}/s")
     print(f"  guard.admit on a 3-master cluster   {many:9.0f}/s   ratio cluster / single {many / one:.2f}")

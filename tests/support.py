@@ -9,14 +9,50 @@ import secrets
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from worker import runtime
-from worker.ledger import TERMINAL_STATES, Payment, PaymentState, SendAttempt, get_payment, session_scope
+from worker.ledger import (
+    TERMINAL_STATES,
+    Payment,
+    PaymentState,
+    SendAttempt,
+    create_schema,
+    get_payment,
+    session_scope,
+)
 from worker.local.embedded_redis import EmbeddedRedis
 from worker.local.stack import Stack
+from worker.secrets_box import generate_key
+
+
+def account_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[None]:
+    """A SQLite ledger in `tmp_path` with the schema, the environment's account `acct-env` (no UpesiPay, no Redis
+    answering unless `env` says otherwise), an account token key and `env` on top; runtime reset before and after.
+    The accounts tests build their own stored accounts on it."""
+    base = {
+        "UPESIPAY_BASE_URL": "http://127.0.0.1:9",
+        "UPESIPAY_AUTH_TOKEN": "tok_env_account_value",
+        "UPESIPAY_CHANNEL_ID": "2133",
+        "UPESIPAY_ACCOUNT": "acct-env",
+        "CALLBACK_BASE_URL": "http://127.0.0.1:9",
+        "CALLBACK_SECRET": "s" * 32,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "REDIS_URL": "redis://127.0.0.1:9/0",
+        "ACCOUNT_TOKEN_KEY": generate_key(),
+    }
+    for name, value in {**base, **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    runtime.reset()
+    create_schema(runtime.engine())
+    yield
+    runtime.engine().dispose()
+    runtime.reset()
 
 
 def redis_db(server: EmbeddedRedis, db: int) -> str:

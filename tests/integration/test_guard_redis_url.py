@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import account_ledger
 from worker import reconcile, runtime
 from worker.accounts import add_account
 from worker.guard import Lane, RefusalReason
-from worker.ledger import create_schema
 from worker.local.redis_cluster import EmbeddedRedisCluster
-from worker.secrets_box import generate_key
 
 ACCOUNTS = [f"merchant-{index}" for index in range(12)]
 
@@ -30,37 +29,21 @@ def on_cluster(
     cluster: EmbeddedRedisCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[None]:
     host, port = cluster.startup_nodes[0]
-    for name, value in {
-        "UPESIPAY_BASE_URL": "http://127.0.0.1:9",
-        "UPESIPAY_AUTH_TOKEN": "tok_env_account_value",
-        "UPESIPAY_CHANNEL_ID": "2133",
-        "UPESIPAY_ACCOUNT": "acct-env",
-        "CALLBACK_BASE_URL": "http://127.0.0.1:9",
-        "CALLBACK_SECRET": "s" * 32,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-        "REDIS_URL": "redis://127.0.0.1:9/0",  # nothing listens: the guard must not need it
-        "GUARD_REDIS_URL": f"redis+cluster://{host}:{port}",
-        "ACCOUNT_TOKEN_KEY": generate_key(),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    runtime.reset()
-    create_schema(runtime.engine())
-    for name in ACCOUNTS:
-        add_account(
-            runtime.engine(),
-            runtime.settings(),
-            name,
-            [7001],
-            f"tok_{name}",
-            {"account_failure_limit": 3, "interactive_reserve": 1},
-        )
-    yield
-    for client in cluster.node_clients():
-        for key in client.scan_iter(match="stkpush:*"):
-            client.delete(key)
-    runtime.engine().dispose()
-    runtime.reset()
+    # REDIS_URL: nothing listens, the guard must not need it.
+    for _ in account_ledger(tmp_path, monkeypatch, GUARD_REDIS_URL=f"redis+cluster://{host}:{port}"):
+        for name in ACCOUNTS:
+            add_account(
+                runtime.engine(),
+                runtime.settings(),
+                name,
+                [7001],
+                f"tok_{name}",
+                {"account_failure_limit": 3, "interactive_reserve": 1},
+            )
+        yield
+        for client in cluster.node_clients():
+            for key in client.scan_iter(match="stkpush:*"):
+                client.delete(key)
 
 
 @pytest.mark.usefixtures("on_cluster")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.support import account_ledger
 from worker import runtime
 from worker.accounts import add_account
 from worker.attempts import claim_for_send
-from worker.ledger import Batch, Payment, create_schema, find_by_reference, session_scope
-from worker.secrets_box import generate_key
+from worker.ledger import Batch, Payment, find_by_reference, session_scope
 from worker.signing import account_attempt_signature, attempt_callback_url, attempt_signature
 from worker.web import create_app
 
@@ -25,28 +25,16 @@ SECRET = "s" * 32
 
 @pytest.fixture(autouse=True)
 def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name, value in {
-        "UPESIPAY_BASE_URL": "http://127.0.0.1:9",
-        "UPESIPAY_AUTH_TOKEN": "tok_env_account_value",
-        "UPESIPAY_CHANNEL_ID": "2133",
-        "UPESIPAY_ACCOUNT": "acct-env",
-        "CALLBACK_BASE_URL": "http://127.0.0.1:9",
-        "CALLBACK_SECRET": SECRET,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-        "REDIS_URL": "redis://127.0.0.1:9/0",
-        "ACCOUNT_TOKEN_KEY": generate_key(),
-        "API_KEYS": f"{ENV_KEY},alpha:{A_KEY},bravo:{B_KEY},*:{ADMIN_KEY}",
-        "BATCH_DIR": str(tmp_path / "batches"),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    runtime.reset()
-    create_schema(runtime.engine())
-    add_account(runtime.engine(), runtime.settings(), "alpha", [7001], "tok_alpha_value")
-    add_account(runtime.engine(), runtime.settings(), "bravo", [8001, 8002], "tok_bravo_value")
-    yield
-    runtime.engine().dispose()
-    runtime.reset()
+    for _ in account_ledger(
+        tmp_path,
+        monkeypatch,
+        CALLBACK_SECRET=SECRET,
+        API_KEYS=f"{ENV_KEY},alpha:{A_KEY},bravo:{B_KEY},*:{ADMIN_KEY}",
+        BATCH_DIR=str(tmp_path / "batches"),
+    ):
+        add_account(runtime.engine(), runtime.settings(), "alpha", [7001], "tok_alpha_value")
+        add_account(runtime.engine(), runtime.settings(), "bravo", [8001, 8002], "tok_bravo_value")
+        yield
 
 
 @pytest.fixture

@@ -9,35 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import account_ledger
 from worker import reconcile, runtime
 from worker.accounts import add_account
 from worker.attempts import claim_for_send, end_attempt
 from worker.guard import Lane, recovery
-from worker.ledger import AttemptOutcome, Payment, PaymentState, create_schema, session_scope
-from worker.secrets_box import generate_key
+from worker.ledger import AttemptOutcome, Payment, PaymentState, session_scope
 
 
 @pytest.fixture(autouse=True)
 def ledger(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name, value in {
-        "UPESIPAY_BASE_URL": "http://127.0.0.1:9",
-        "UPESIPAY_AUTH_TOKEN": "tok_env_account_value",
-        "UPESIPAY_CHANNEL_ID": "2133",
-        "UPESIPAY_ACCOUNT": "acct-env",
-        "CALLBACK_BASE_URL": "http://127.0.0.1:9",
-        "CALLBACK_SECRET": "s" * 32,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-        "REDIS_URL": redis_url,
-        "ACCOUNT_TOKEN_KEY": generate_key(),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    runtime.reset()
-    create_schema(runtime.engine())
-    add_account(runtime.engine(), runtime.settings(), "acme", [7001], "tok_acme_value")
-    yield
-    runtime.engine().dispose()
-    runtime.reset()
+    for _ in account_ledger(tmp_path, monkeypatch, REDIS_URL=redis_url):
+        add_account(runtime.engine(), runtime.settings(), "acme", [7001], "tok_acme_value")
+        yield
 
 
 def failed_send(account: str, reference: str, phone: str) -> str:

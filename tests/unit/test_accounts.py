@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from sqlmodel import select
 
+from tests.support import account_ledger
 from worker import runtime
 from worker.accounts import (
     AccountError,
@@ -22,7 +23,7 @@ from worker.accounts import (
     update_account,
 )
 from worker.cli import main
-from worker.ledger import Account, create_schema, session_scope
+from worker.ledger import Account, session_scope
 from worker.secrets_box import TokenBox, TokenKeyError, generate_key
 
 KEY = generate_key()
@@ -31,25 +32,7 @@ TOKEN = "tok_acme_" + "x" * 20
 
 @pytest.fixture(autouse=True)
 def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name, value in {
-        "UPESIPAY_BASE_URL": "http://127.0.0.1:9",
-        "UPESIPAY_AUTH_TOKEN": "tok_env_account_value",
-        "UPESIPAY_CHANNEL_ID": "2133",
-        "UPESIPAY_ACCOUNT": "acct-env",
-        "CALLBACK_BASE_URL": "http://127.0.0.1:9",
-        "CALLBACK_SECRET": "s" * 32,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-        "REDIS_URL": "redis://127.0.0.1:9/0",
-        "ACCOUNT_TOKEN_KEY": KEY,
-        "ACCOUNT_CACHE_S": "0",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    runtime.reset()
-    create_schema(runtime.engine())
-    yield
-    runtime.engine().dispose()
-    runtime.reset()
+    yield from account_ledger(tmp_path, monkeypatch, ACCOUNT_TOKEN_KEY=KEY, ACCOUNT_CACHE_S="0")
 
 
 def stored_row(name: str) -> Account:
