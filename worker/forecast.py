@@ -4,10 +4,16 @@
   failures of other channels), when the oldest of them slides out (`next_free_at`), and when the bulk lane gets
   room again if it has none (`bulk_free_at`). The guard counts the same facts (worker/guard_ledger.py).
 - A running batch's estimated finish: its remaining rows are sent at the bulk lane's pace (BULK_MAX_INFLIGHT
-  prompts at a time, each taking the batch's observed prompt time) while the window has room for their failures
-  at the batch's observed failure rate (Beta(1, 1)-smoothed); a fluid simulation of the sliding window, with the
-  window's current failures sliding out at their own times. With re-prompts each row is expected to be prompted
-  1 + r + r^2 + ... (up to N) times, r the failure rate, each re-prompt at least `reprompt_after_s` later.
+  prompts at a time, each taking the batch's observed mean prompt time, or while it has fewer than
+  PROMPT_SAMPLES ended prompts, the account's of the last window instead) while the window has room for their
+  failures; a fluid simulation of the sliding window, with the window's current failures sliding out at their
+  own times. The failure rate is the remaining rows' own: each row's chance to fail by its score (1 - score,
+  worker/scoring.py), times the batch's calibration so far, (F + 1) / (E + 1) with F the failures observed and E
+  the failures the ended prompts' scores expected. A batch sent likeliest payer first leaves its worst rows for
+  last, and its early outcomes alone would promise too soon a finish; with no history (every score 0.5) the rate
+  is the batch's observed one, Beta(1, 1)-smoothed, (F + 1) / (n + 2). With re-prompts each row is expected to
+  be prompted 1 + r + r^2 + ... (up to N) times, r the failure rate, each re-prompt at least `reprompt_after_s`
+  later.
 
 The interactive reserve is left to checkouts, as the guard leaves it; interactive failures that will still come
 are not foreseen (the estimate is for a quiet checkout).
@@ -16,6 +22,7 @@ are not foreseen (the estimate is for a quiet checkout).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,6 +42,7 @@ from worker.ledger import (
     SendAttempt,
     utcnow,
 )
+from worker.scoring import NO_HISTORY
 from worker.settings import Settings
 
 __all__ = ["BatchForecast", "BudgetForecast", "batch_forecast", "budget_forecast", "project_finish"]
@@ -42,12 +50,30 @@ __all__ = ["BatchForecast", "BudgetForecast", "batch_forecast", "budget_forecast
 IN_FLIGHT = (PaymentState.SENDING, PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
 # A prompt's time from claim to outcome before the batch has any of its own (M-Pesa prompts time out in ~1 min).
 DEFAULT_PROMPT_S = 30.0
+# The batch's own ended prompts needed before their mean time is used alone; the account's recent ones (at most
+# RECENT_PROMPTS, from the last window) fill in below that.
+PROMPT_SAMPLES = 5
+RECENT_PROMPTS = 200
 # The simulation's bound: beyond this many steps the finish is reported as unknown.
 MAX_STEPS = 200_000
 
 
 def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _expected_failure(score: float | None) -> float:
+    """A row's chance to fail by its score (worker/scoring.py): a score in the band below the others has had 1
+    taken off; a row without one is a number without history."""
+    if score is None:
+        return 1.0 - NO_HISTORY
+    chance = score + 1.0 if score < 0 else score
+    return min(max(1.0 - chance, 0.0), 1.0)
+
+
+def _durations(rows: Iterable[Sequence[datetime | None]]) -> list[float]:
+    """Seconds from claim to outcome of ended attempts (claimed, ended)."""
+    return [(_aware(done) - _aware(claimed)).total_seconds() for claimed, done in rows if done and claimed]
 
 
 @dataclass(frozen=True)
@@ -193,26 +219,53 @@ def batch_forecast(
         ).first()
         if batch is None:
             return None
-        remaining = connection.execute(
-            select(func.count()).where(
+        account = str(batch[0])
+        remaining_scores = connection.execute(
+            select(col(Payment.score)).where(
                 col(Payment.batch_id) == batch_id, col(Payment.state).in_([*WAITING_STATES, *IN_FLIGHT])
             )
-        ).scalar_one()
+        ).scalars()
+        remaining_expected = [_expected_failure(score) for score in remaining_scores]
         ended = connection.execute(
-            select(col(SendAttempt.outcome), col(SendAttempt.created_at), col(SendAttempt.outcome_at))
+            select(
+                col(SendAttempt.outcome),
+                col(SendAttempt.created_at),
+                col(SendAttempt.outcome_at),
+                col(Payment.score),
+            )
             .join(Payment, col(Payment.id) == col(SendAttempt.payment_id))
             .where(
                 col(Payment.batch_id) == batch_id,
                 col(SendAttempt.outcome).in_([AttemptOutcome.SUCCESS, AttemptOutcome.FAILURE]),
             )
         ).all()
-    failures = sum(1 for outcome, _, _ in ended if str(outcome) == AttemptOutcome.FAILURE.value)
-    rate = (failures + 1) / (len(ended) + 2)
-    durations = [
-        (_aware(done) - _aware(claimed)).total_seconds() for _, claimed, done in ended if done and claimed
-    ]
+        durations = _durations(row[1:3] for row in ended)
+        if len(durations) < PROMPT_SAMPLES:
+            # Too few of its own yet (a fast batch is 10% prompted before its first prompts end): the account's
+            # prompts of the last window, any batch's or single, tell the pace better than a default.
+            recent = connection.execute(
+                select(col(SendAttempt.created_at), col(SendAttempt.outcome_at))
+                .where(
+                    col(SendAttempt.account) == account,
+                    col(SendAttempt.outcome).in_([AttemptOutcome.SUCCESS, AttemptOutcome.FAILURE]),
+                    col(SendAttempt.outcome_at) > now - timedelta(seconds=settings.account_window_s),
+                )
+                .order_by(col(SendAttempt.outcome_at).desc())
+                .limit(RECENT_PROMPTS)
+            ).all()
+            durations = _durations(recent) or durations  # the batch's own are among them
+    failures = sum(1 for row in ended if str(row[0]) == AttemptOutcome.FAILURE.value)
+    # The scores say how the remaining rows compare with those already prompted (a scored batch sends its best
+    # first); the observed outcomes calibrate them. With no history (every score 0.5) this is (F + 1) / (n + 2).
+    calibration = (failures + 1) / (sum(_expected_failure(row[3]) for row in ended) + 1)
+    remaining = len(remaining_expected)
+    rate = (
+        min(1.0, calibration * sum(remaining_expected) / remaining)
+        if remaining
+        else (failures + 1) / (len(ended) + 2)
+    )
     prompt_s = sum(durations) / len(durations) if durations else DEFAULT_PROMPT_S
-    account, reprompt_max, reprompt_after_s = batch
+    _, reprompt_max, reprompt_after_s = batch
     settings = _with_account_limits(settings, account)
     per_row = sum(rate**k for k in range(int(reprompt_max or 0) + 1))
     budget = budget_forecast(engine, account, settings, now)
@@ -229,7 +282,7 @@ def batch_forecast(
     if finish is not None and remaining and reprompt_max and reprompt_after_s:
         # The last row's last re-prompt comes at least this long after its first prompt.
         finish = max(finish, now + timedelta(seconds=int(reprompt_after_s) * min(per_row - 1, reprompt_max)))
-    return BatchForecast(int(remaining), len(ended), rate, prompt_s, finish, account)
+    return BatchForecast(remaining, len(ended), rate, prompt_s, finish, account)
 
 
 def _with_account_limits(settings: Settings, account: str) -> Settings:
