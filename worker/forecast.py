@@ -8,12 +8,11 @@
   PROMPT_SAMPLES ended prompts, the account's of the last window instead) while the window has room for their
   failures; a fluid simulation of the sliding window, with the window's current failures sliding out at their
   own times. The failure rate is the remaining rows' own: each row's chance to fail by its score (1 - score,
-  worker/scoring.py), times the batch's calibration so far, (F + 1) / (E + 1) with F the failures observed and E
-  the failures the ended prompts' scores expected. A batch sent likeliest payer first leaves its worst rows for
-  last, and its early outcomes alone would promise too soon a finish; with no history (every score 0.5) the rate
-  is the batch's observed one, Beta(1, 1)-smoothed, (F + 1) / (n + 2). With re-prompts each row is expected to
-  be prompted 1 + r + r^2 + ... (up to N) times, r the failure rate, each re-prompt at least `reprompt_after_s`
-  later.
+  worker/scoring.py), corrected by how the ended prompts of its score band did (`_remaining_failure_rate`). A
+  batch sent likeliest payer first leaves its worst rows for last, and its early outcomes alone would promise
+  too soon a finish; with no history (every score 0.5) the rate is the batch's observed one, Beta(1, 1)-smoothed,
+  (F + 1) / (n + 2). With re-prompts each row is expected to be prompted 1 + r + r^2 + ... (up to N) times, r the
+  failure rate, each re-prompt at least `reprompt_after_s` later.
 
 The interactive reserve is left to checkouts, as the guard leaves it; interactive failures that will still come
 are not foreseen (the estimate is for a quiet checkout).
@@ -54,6 +53,10 @@ DEFAULT_PROMPT_S = 30.0
 # RECENT_PROMPTS, from the last window) fill in below that.
 PROMPT_SAMPLES = 5
 RECENT_PROMPTS = 200
+# Score bands for the forecast's failure rate (by the score's chance to fail, tenths), and the weight of the
+# scores' own word in a band against its observed outcomes (pseudo-outcomes).
+SCORE_BANDS = 10
+BAND_PRIOR = 2.0
 # The simulation's bound: beyond this many steps the finish is reported as unknown.
 MAX_STEPS = 200_000
 
@@ -69,6 +72,32 @@ def _expected_failure(score: float | None) -> float:
         return 1.0 - NO_HISTORY
     chance = score + 1.0 if score < 0 else score
     return min(max(1.0 - chance, 0.0), 1.0)
+
+
+def _score_band(expected_failure: float) -> int:
+    return min(int(expected_failure * SCORE_BANDS), SCORE_BANDS - 1)
+
+
+def _remaining_failure_rate(remaining: list[float], ended: list[tuple[float | None, Any]]) -> float:
+    """The mean chance to fail of the rows left (their `_expected_failure`s), each corrected by how the ended
+    prompts of its score band did: (F_b + K (1 - p_b)) / (n_b + K), so a band with no outcomes yet keeps its
+    scores' word and one with many takes its own rate. Scores are shrunk towards 0.5 (a number has three or four
+    outcomes), so the best band fails less than its scores say and the worst more; one factor for the whole batch,
+    learnt from the best rows a scored batch sends first, would carry the best band's rate to the worst.
+    With no history (one band, every score 0.5) this is (F + 1) / (n + 2)."""
+    failed: dict[int, float] = {}
+    seen: dict[int, float] = {}
+    for score, outcome in ended:
+        band = _score_band(_expected_failure(score))
+        seen[band] = seen.get(band, 0.0) + 1
+        failed[band] = failed.get(band, 0.0) + (str(outcome) == AttemptOutcome.FAILURE.value)
+    if not remaining:
+        return (sum(failed.values()) + 1) / (sum(seen.values()) + 2)
+    total = 0.0
+    for expected in remaining:
+        band = _score_band(expected)
+        total += (failed.get(band, 0.0) + BAND_PRIOR * expected) / (seen.get(band, 0.0) + BAND_PRIOR)
+    return min(total / len(remaining), 1.0)
 
 
 def _durations(rows: Iterable[Sequence[datetime | None]]) -> list[float]:
@@ -254,16 +283,8 @@ def batch_forecast(
                 .limit(RECENT_PROMPTS)
             ).all()
             durations = _durations(recent) or durations  # the batch's own are among them
-    failures = sum(1 for row in ended if str(row[0]) == AttemptOutcome.FAILURE.value)
-    # The scores say how the remaining rows compare with those already prompted (a scored batch sends its best
-    # first); the observed outcomes calibrate them. With no history (every score 0.5) this is (F + 1) / (n + 2).
-    calibration = (failures + 1) / (sum(_expected_failure(row[3]) for row in ended) + 1)
+    rate = _remaining_failure_rate(remaining_expected, [(row[3], row[0]) for row in ended])
     remaining = len(remaining_expected)
-    rate = (
-        min(1.0, calibration * sum(remaining_expected) / remaining)
-        if remaining
-        else (failures + 1) / (len(ended) + 2)
-    )
     prompt_s = sum(durations) / len(durations) if durations else DEFAULT_PROMPT_S
     _, reprompt_max, reprompt_after_s = batch
     settings = _with_account_limits(settings, account)

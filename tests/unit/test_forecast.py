@@ -1,5 +1,5 @@
-"""A batch's forecast reads its rows' scores: the rows still to go fail as their scores say, calibrated by how the
-ended prompts did against theirs, and a batch whose prompts have barely ended takes the account's recent pace
+"""A batch's forecast reads its rows' scores: the rows still to go fail as their scores say, corrected by how the
+ended prompts of their score band did, and a batch whose prompts have barely ended takes the account's recent pace
 (ledger on SQLite; docs/batches.md "Forecasts")."""
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def scored_batch(ended_scores: list[float | None], failures: int, left_scores: l
 
 @pytest.mark.usefixtures("provider")
 def test_the_rows_left_fail_as_their_scores_say_calibrated_by_the_ended_ones() -> None:
-    # Five likely payers (0.8: 1.0 failure expected) went first and one failed, as expected: calibration 1. The
-    # five left score 0.3, so 70% of them should fail, not the 2 in 7 the ended prompts alone would say.
+    # Five likely payers (0.8) went first and one failed. The five left score 0.3, so 70% of them should fail, not
+    # the 2 in 7 the ended prompts alone would say.
     batch_id = scored_batch([0.8] * 5, 1, [0.3] * 5)
     eta = forecast.batch_forecast(runtime.engine(), batch_id, get_settings())
     assert eta is not None and eta.remaining == 5 and eta.prompts_ended == 5
@@ -64,11 +64,13 @@ def test_the_rows_left_fail_as_their_scores_say_calibrated_by_the_ended_ones() -
 
 
 @pytest.mark.usefixtures("provider")
-def test_ended_prompts_failing_more_than_their_scores_said_raise_the_rest_in_proportion() -> None:
-    # 0.8-rows expected 1.0 failure of five and got 3: calibration (3 + 1) / (1 + 1) = 2; 0.9-rows left: 0.2.
-    batch_id = scored_batch([0.8] * 5, 3, [0.9] * 4)
+def test_a_band_takes_its_own_outcomes_as_they_come_and_leaves_the_other_bands_to_their_scores() -> None:
+    # 0.8-rows: five ended, three failed, against 1.0 expected; the band's rate is (3 + 2 * 0.2) / (5 + 2). The
+    # 0.1-rows have no outcome yet: their scores' 0.9 stands (the 0.8-band's luck says nothing of theirs).
+    batch_id = scored_batch([0.8] * 5, 3, [0.8] * 4 + [0.1] * 4)
     eta = forecast.batch_forecast(runtime.engine(), batch_id, get_settings())
-    assert eta is not None and eta.failure_rate == pytest.approx(0.2)
+    assert eta is not None
+    assert eta.failure_rate == pytest.approx(((3 + 2 * 0.2) / 7 + 0.9) / 2)
 
 
 @pytest.mark.usefixtures("provider")
