@@ -83,6 +83,18 @@ def population(seed: int, customers: int) -> list[Customer]:
     return people
 
 
+BAND_ORDER = ("3 paid", "2 paid, 1 cancelled", "2 paid, 1 unanswered", "1 paid", "0 paid")
+
+
+def band_of(person: Customer) -> str:
+    """The customer's history band: how many of the three earlier invoices were paid and, with two, how the
+    other ended (a cancellation says the number is reachable and answers; an unanswered prompt does not)."""
+    paid = person.history.count("success")
+    if paid == 2:
+        return "2 paid, 1 cancelled" if "cancelled" in person.history else "2 paid, 1 unanswered"
+    return f"{paid} paid"
+
+
 def scenario(people: list[Customer], seed: int) -> dict[str, Any]:
     phones = {}
     for person in people:
@@ -241,6 +253,7 @@ def run_policy(
             failures = sum(
                 1 for moment in failure_times if moment is not None and _aware(moment) <= window_end
             )
+            bands = _bands(connection, batch_id, people, window_end)
             left = connection.execute(
                 select(func.count()).where(
                     col(Payment.batch_id) == batch_id, col(Payment.state).not_in(terminal)
@@ -259,7 +272,46 @@ def run_policy(
         "forecast_finish": forecast_at_10,
         "finished": finished,
         "left": int(left),
+        "bands": bands,
     }
+
+
+def _bands(
+    connection: Any, batch_id: str, people: list[Customer], window_end: datetime
+) -> dict[str, dict[str, int]]:
+    """Per history band, within the first window: rows, rows prompted, payments collected, failed prompts."""
+    from worker.ledger import AttemptOutcome, Payment, PaymentState, SendAttempt
+
+    band = {person.phone: band_of(person) for person in people}
+    figures = {name: {"rows": 0, "prompted": 0, "paid": 0, "failed": 0} for name in BAND_ORDER}
+    for phone, state, settled_at in connection.execute(
+        select(col(Payment.phone), col(Payment.state), col(Payment.settled_at)).where(
+            col(Payment.batch_id) == batch_id
+        )
+    ):
+        row = figures[band[phone]]
+        row["rows"] += 1
+        if state == PaymentState.SUCCEEDED and settled_at is not None and _aware(settled_at) <= window_end:
+            row["paid"] += 1
+    prompted: set[tuple[str, str]] = set()
+    for payment_id, phone, sent_at, outcome, outcome_at in connection.execute(
+        select(
+            col(SendAttempt.payment_id),
+            col(Payment.phone),
+            col(SendAttempt.sent_at),
+            col(SendAttempt.outcome),
+            col(SendAttempt.outcome_at),
+        )
+        .join(Payment, col(Payment.id) == col(SendAttempt.payment_id))
+        .where(col(Payment.batch_id) == batch_id, col(SendAttempt.sent_at).is_not(None))
+    ):
+        if _aware(sent_at) <= window_end:
+            prompted.add((payment_id, phone))
+        if outcome == AttemptOutcome.FAILURE and outcome_at is not None and _aware(outcome_at) <= window_end:
+            figures[band[phone]]["failed"] += 1
+    for _, phone in prompted:
+        figures[band[phone]]["prompted"] += 1
+    return figures
 
 
 def _relative(moment: datetime | None, start: datetime) -> str:
@@ -312,6 +364,14 @@ def main() -> int:
             f"{_relative(result['finished'], start) if result['finished'] else 'not reached in the run'}"
             f" ({result['left']} rows left at the end)"
         )
+    print("per history band, within the first window (rows / prompted / paid / failed):")
+    print(f"  {'band':<22}" + "".join(f"{policy:>22}" for policy in results))
+    for name in BAND_ORDER:
+        cells = []
+        for result in results.values():
+            row = result["bands"][name]
+            cells.append(f"{row['rows']:>4} /{row['prompted']:>4} /{row['paid']:>4} /{row['failed']:>3}")
+        print(f"  {name:<22}" + "".join(f"{cell:>22}" for cell in cells))
     if "fifo" in results and "score" in results:
         ratio = results["score"]["collected"] / max(results["fifo"]["collected"], 1)
         print(f"score / fifo: {ratio:.1f}x")
