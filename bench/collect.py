@@ -17,8 +17,15 @@ outcome of each customer's first new prompt is drawn in advance and given to the
 that number's "sequence" (later prompts draw from p), so the oracle bound is exact: the customers whose first
 prompt succeeds.
 
+Printed first: the oracle bound, and what an order by history alone could collect with the run's budget (50
+failures less `--reserve`; `history_order_bound`). With seed 13, 40 of the 465 numbers that paid all three
+earlier invoices fail their new prompt, so with the default reserve (40 failures for the batch) an order by
+history stops inside that band: at most 421 = 0.70 of the oracle bound (ties in file order); with `--reserve 0`
+(all 50), 486 = 0.81.
 Printed per policy: payments collected within the first window (from the batch's first prompt), that figure
-divided by the oracle bound, failures used, the sandbox's rule triggers (must be 0); then score / fifo; and for
+divided by the oracle bound, failures used, the sandbox's rule triggers (must be 0); per history band (paid 3 of
+3, 2 with a cancellation, 2 with an unanswered prompt, 1, 0): rows, rows prompted, paid and failed within the
+first window; then score / fifo; and for
 each run the batch's forecast finish made once 10% of its rows had been prompted, against the actual finish (the
 run goes on until the batch finishes or `--finish-s` more seconds have passed after the first window).
 Targets (issue 13): score >= 0.75 of the oracle bound, >= 4x fifo, 0 triggers.
@@ -54,6 +61,8 @@ GROUPS = (
     ("decliner", 0.15, 0.10, "cancelled"),
 )
 HISTORY_DAYS = (90, 60, 30)
+# UpesiPay's limit, unchanged by the run (the settings' default ACCOUNT_FAILURE_LIMIT).
+ACCOUNT_FAILURE_LIMIT = 50
 RESULT = {"success": (0, "SUCCEEDED"), "cancelled": (1032, "CANCELLED"), "timeout": (1037, "FAILED")}
 
 
@@ -93,6 +102,33 @@ def band_of(person: Customer) -> str:
     if paid == 2:
         return "2 paid, 1 cancelled" if "cancelled" in person.history else "2 paid, 1 unanswered"
     return f"{paid} paid"
+
+
+def history_order_bound(people: list[Customer], budget: int) -> int:
+    """What an order by history alone can collect with `budget` failures: the customers ranked by the score of
+    their three earlier invoices (worker/scoring.py; ties in file order), the successes before the budget-th
+    failure (the guard admits a prompt only while failures plus prompts in flight stay below the budget, so no
+    prompt goes out after it). Computed from the seed's own draws, like the oracle bound."""
+    from worker.scoring import History, score_of
+
+    now = datetime.now(UTC)
+
+    def score(person: Customer) -> float:
+        outcomes = [
+            (now - timedelta(days=days), outcome == "success", outcome == "cancelled")
+            for outcome, days in zip(person.history, HISTORY_DAYS, strict=True)
+        ]
+        return score_of(History(outcomes), now)
+
+    paid = failed = 0
+    for _, person in sorted(enumerate(people), key=lambda item: (-score(item[1]), item[0])):
+        if person.first == "success":
+            paid += 1
+            continue
+        failed += 1
+        if failed >= budget:
+            break
+    return paid
 
 
 def scenario(people: list[Customer], seed: int) -> dict[str, Any]:
@@ -345,6 +381,12 @@ def main() -> int:
     oracle = sum(1 for person in people if person.first == "success")
     print(
         f"customers {len(people)}, oracle bound {oracle} (first prompts that succeed), window {args.window} s"
+    )
+    budget = ACCOUNT_FAILURE_LIMIT - args.reserve
+    bound = history_order_bound(people, budget)
+    print(
+        f"an order by history alone, {budget} failures (limit {ACCOUNT_FAILURE_LIMIT} - reserve {args.reserve}): "
+        f"at most {bound} = {bound / oracle:.2f} of the oracle bound (ties in file order)"
     )
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="stkpush-collect-"))
     results = {}

@@ -12,7 +12,7 @@ a bulk message of one account's batch may send another account's row.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
@@ -21,6 +21,7 @@ from worker import bulk_order, runtime
 from worker.dispatch import guard_refusal_reason
 from worker.guard import RefusalReason
 from worker.ledger import Batch, Payment, PaymentState, session_scope, transition, utcnow
+from worker.scoring import NO_HISTORY
 
 # Batches older than this are not looked at for turns: a batch still sending after a month is served by its own
 # messages (and a bound keeps the lookup short).
@@ -97,17 +98,28 @@ def candidates(payment: Payment) -> list[str]:
 
 def _best_waiting(session: Session, batch_id: str) -> list[tuple[str, PaymentState]]:
     """Under BULK_ORDER=score: the batch's best waiting rows, PENDING or DEFERRED-and-releasable alike (due, or
-    waiting only for the bulk lane or the budget: worker.bulk_order.releasable), in the bulk order."""
+    waiting only for the bulk lane or the budget: worker.bulk_order.releasable), in the bulk order. One query per
+    state, each walking ix_payment_batch_order (batch_id, state, score) from the best score down, then merged."""
     order = bulk_order.current()
     due = (col(Payment.state) == PaymentState.DEFERRED) & (col(Payment.next_attempt_at) <= utcnow())
-    rows = session.exec(
-        select(Payment.id, Payment.state)
-        .where(col(Payment.batch_id) == batch_id)
-        .where((col(Payment.state) == PaymentState.PENDING) | order.releasable(due))
-        .order_by(*order.waiting())
-        .limit(SCORE_CANDIDATES)
-    ).all()
-    return [(str(row_id), PaymentState(state)) for row_id, state in rows]
+    merged: list[tuple[float, datetime, str, PaymentState]] = []
+    for state, condition in (
+        (PaymentState.PENDING, col(Payment.state) == PaymentState.PENDING),
+        (PaymentState.DEFERRED, (col(Payment.state) == PaymentState.DEFERRED) & order.releasable(due)),
+    ):
+        rows = session.exec(
+            select(Payment.id, Payment.score, Payment.created_at)
+            .where(col(Payment.batch_id) == batch_id, condition)
+            .order_by(*order.waiting())
+            .limit(SCORE_CANDIDATES)
+        ).all()
+        # Batch rows all have a score (ingestion sets it, the migration gave older rows NO_HISTORY's).
+        merged += [
+            (-(NO_HISTORY if score is None else score), created, str(row_id), state)
+            for row_id, score, created in rows
+        ]
+    merged.sort(key=lambda row: (row[0], row[1]))
+    return [(row_id, state) for _, _, row_id, state in merged[:SCORE_CANDIDATES]]
 
 
 def _take_best(payment: Payment, best: list[tuple[str, PaymentState]]) -> list[str]:
