@@ -17,8 +17,15 @@ outcome of each customer's first new prompt is drawn in advance and given to the
 that number's "sequence" (later prompts draw from p), so the oracle bound is exact: the customers whose first
 prompt succeeds.
 
+Printed first: the oracle bound, and what an order by history alone could collect with the run's budget (50
+failures less `--reserve`; `history_order_bound`). With seed 13, 40 of the 465 numbers that paid all three
+earlier invoices fail their new prompt, so with the default reserve (40 failures for the batch) an order by
+history stops inside that band: at most 421 = 0.70 of the oracle bound (ties in file order); with `--reserve 0`
+(all 50), 486 = 0.81.
 Printed per policy: payments collected within the first window (from the batch's first prompt), that figure
-divided by the oracle bound, failures used, the sandbox's rule triggers (must be 0); then score / fifo; and for
+divided by the oracle bound, failures used, the sandbox's rule triggers (must be 0); per history band (paid 3 of
+3, 2 with a cancellation, 2 with an unanswered prompt, 1, 0): rows, rows prompted, paid and failed within the
+first window; then score / fifo; and for
 each run the batch's forecast finish made once 10% of its rows had been prompted, against the actual finish (the
 run goes on until the batch finishes or `--finish-s` more seconds have passed after the first window).
 Targets (issue 13): score >= 0.75 of the oracle bound, >= 4x fifo, 0 triggers.
@@ -54,6 +61,8 @@ GROUPS = (
     ("decliner", 0.15, 0.10, "cancelled"),
 )
 HISTORY_DAYS = (90, 60, 30)
+# UpesiPay's limit, unchanged by the run (the settings' default ACCOUNT_FAILURE_LIMIT).
+ACCOUNT_FAILURE_LIMIT = 50
 RESULT = {"success": (0, "SUCCEEDED"), "cancelled": (1032, "CANCELLED"), "timeout": (1037, "FAILED")}
 
 
@@ -81,6 +90,45 @@ def population(seed: int, customers: int) -> list[Customer]:
             Customer(f"2547{10_000_000 + index:08d}", name, p, fails_as, tuple(draw[:-1]), draw[-1])
         )
     return people
+
+
+BAND_ORDER = ("3 paid", "2 paid, 1 cancelled", "2 paid, 1 unanswered", "1 paid", "0 paid")
+
+
+def band_of(person: Customer) -> str:
+    """The customer's history band: how many of the three earlier invoices were paid and, with two, how the
+    other ended (a cancellation says the number is reachable and answers; an unanswered prompt does not)."""
+    paid = person.history.count("success")
+    if paid == 2:
+        return "2 paid, 1 cancelled" if "cancelled" in person.history else "2 paid, 1 unanswered"
+    return f"{paid} paid"
+
+
+def history_order_bound(people: list[Customer], budget: int) -> int:
+    """What an order by history alone can collect with `budget` failures: the customers ranked by the score of
+    their three earlier invoices (worker/scoring.py; ties in file order), the successes before the budget-th
+    failure (the guard admits a prompt only while failures plus prompts in flight stay below the budget, so no
+    prompt goes out after it). Computed from the seed's own draws, like the oracle bound."""
+    from worker.scoring import History, score_of
+
+    now = datetime.now(UTC)
+
+    def score(person: Customer) -> float:
+        outcomes = [
+            (now - timedelta(days=days), outcome == "success", outcome == "cancelled")
+            for outcome, days in zip(person.history, HISTORY_DAYS, strict=True)
+        ]
+        return score_of(History(outcomes), now)
+
+    paid = failed = 0
+    for _, person in sorted(enumerate(people), key=lambda item: (-score(item[1]), item[0])):
+        if person.first == "success":
+            paid += 1
+            continue
+        failed += 1
+        if failed >= budget:
+            break
+    return paid
 
 
 def scenario(people: list[Customer], seed: int) -> dict[str, Any]:
@@ -241,6 +289,7 @@ def run_policy(
             failures = sum(
                 1 for moment in failure_times if moment is not None and _aware(moment) <= window_end
             )
+            bands = _bands(connection, batch_id, people, window_end)
             left = connection.execute(
                 select(func.count()).where(
                     col(Payment.batch_id) == batch_id, col(Payment.state).not_in(terminal)
@@ -259,7 +308,46 @@ def run_policy(
         "forecast_finish": forecast_at_10,
         "finished": finished,
         "left": int(left),
+        "bands": bands,
     }
+
+
+def _bands(
+    connection: Any, batch_id: str, people: list[Customer], window_end: datetime
+) -> dict[str, dict[str, int]]:
+    """Per history band, within the first window: rows, rows prompted, payments collected, failed prompts."""
+    from worker.ledger import AttemptOutcome, Payment, PaymentState, SendAttempt
+
+    band = {person.phone: band_of(person) for person in people}
+    figures = {name: {"rows": 0, "prompted": 0, "paid": 0, "failed": 0} for name in BAND_ORDER}
+    for phone, state, settled_at in connection.execute(
+        select(col(Payment.phone), col(Payment.state), col(Payment.settled_at)).where(
+            col(Payment.batch_id) == batch_id
+        )
+    ):
+        row = figures[band[phone]]
+        row["rows"] += 1
+        if state == PaymentState.SUCCEEDED and settled_at is not None and _aware(settled_at) <= window_end:
+            row["paid"] += 1
+    prompted: set[tuple[str, str]] = set()
+    for payment_id, phone, sent_at, outcome, outcome_at in connection.execute(
+        select(
+            col(SendAttempt.payment_id),
+            col(Payment.phone),
+            col(SendAttempt.sent_at),
+            col(SendAttempt.outcome),
+            col(SendAttempt.outcome_at),
+        )
+        .join(Payment, col(Payment.id) == col(SendAttempt.payment_id))
+        .where(col(Payment.batch_id) == batch_id, col(SendAttempt.sent_at).is_not(None))
+    ):
+        if _aware(sent_at) <= window_end:
+            prompted.add((payment_id, phone))
+        if outcome == AttemptOutcome.FAILURE and outcome_at is not None and _aware(outcome_at) <= window_end:
+            figures[band[phone]]["failed"] += 1
+    for _, phone in prompted:
+        figures[band[phone]]["prompted"] += 1
+    return figures
 
 
 def _relative(moment: datetime | None, start: datetime) -> str:
@@ -294,6 +382,12 @@ def main() -> int:
     print(
         f"customers {len(people)}, oracle bound {oracle} (first prompts that succeed), window {args.window} s"
     )
+    budget = ACCOUNT_FAILURE_LIMIT - args.reserve
+    bound = history_order_bound(people, budget)
+    print(
+        f"an order by history alone, {budget} failures (limit {ACCOUNT_FAILURE_LIMIT} - reserve {args.reserve}): "
+        f"at most {bound} = {bound / oracle:.2f} of the oracle bound (ties in file order)"
+    )
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="stkpush-collect-"))
     results = {}
     started = time.monotonic()
@@ -312,6 +406,14 @@ def main() -> int:
             f"{_relative(result['finished'], start) if result['finished'] else 'not reached in the run'}"
             f" ({result['left']} rows left at the end)"
         )
+    print("per history band, within the first window (rows / prompted / paid / failed):")
+    print(f"  {'band':<22}" + "".join(f"{policy:>22}" for policy in results))
+    for name in BAND_ORDER:
+        cells = []
+        for result in results.values():
+            row = result["bands"][name]
+            cells.append(f"{row['rows']:>4} /{row['prompted']:>4} /{row['paid']:>4} /{row['failed']:>3}")
+        print(f"  {name:<22}" + "".join(f"{cell:>22}" for cell in cells))
     if "fifo" in results and "score" in results:
         ratio = results["score"]["collected"] / max(results["fifo"]["collected"], 1)
         print(f"score / fifo: {ratio:.1f}x")

@@ -12,30 +12,34 @@ a bulk message of one account's batch may send another account's row.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from worker import bulk_order, runtime
-from worker.dispatch import guard_refusal_reason, publish_payment
+from worker.dispatch import guard_refusal_reason
 from worker.guard import RefusalReason
 from worker.ledger import Batch, Payment, PaymentState, session_scope, transition, utcnow
+from worker.scoring import NO_HISTORY
 
 # Batches older than this are not looked at for turns: a batch still sending after a month is served by its own
 # messages (and a bound keeps the lookup short).
 ACTIVE_BATCH_DAYS = 30
 # At most this many batches are compared per turn (the oldest first, so an old batch is never starved).
 BATCHES_COMPARED = 50
-# Under BULK_ORDER=score, a message tries up to this many of its batch's best waiting rows before its own.
+# Under BULK_ORDER=score, a message looks at up to this many of its batch's best waiting rows (racing workers take
+# the next best).
 SCORE_CANDIDATES = 8
 # States whose sends are (or may be) in flight: a batch's share of the bulk lane is counted in these.
 IN_FLIGHT_STATES = (PaymentState.SENDING, PaymentState.AWAITING_CALLBACK, PaymentState.UNKNOWN)
 
 
 def candidates(payment: Payment) -> list[str]:
-    """The ids of the bulk rows this message should try to send, best first: its own row while its batch is among
-    those with the fewest sends in flight, else the oldest waiting row of the batch with the fewest; then its own."""
+    """The ids of the bulk rows this message should try to send, best first. The batch whose turn it is: the
+    message's own while its batch is among those with the fewest sends in flight, else the batch with the fewest.
+    Under `fifo`: its own row, or that batch's oldest PENDING row (then its own). Under `score`: that batch's best
+    waiting row, PENDING or DEFERRED (`_take_best`)."""
     own = [payment.id]
     if payment.batch_id is None:
         return own
@@ -52,11 +56,15 @@ def candidates(payment: Payment) -> list[str]:
             .limit(BATCHES_COMPARED)
         ).all()
         waiting: list[tuple[int, int, str]] = []  # (in flight, age rank, batch): ties go to the older batch
+        order = bulk_order.current()
+        # Under score a batch's DEFERRED rows the dispatcher may release wait for a turn too (`_best_waiting`).
+        due = (col(Payment.state) == PaymentState.DEFERRED) & (col(Payment.next_attempt_at) <= utcnow())
+        takeable = col(Payment.state) == PaymentState.PENDING
+        if order.by_score:
+            takeable = takeable | order.releasable(due)
         for rank, batch_id in enumerate(batches):
             has_pending = session.exec(
-                select(Payment.id)
-                .where(col(Payment.batch_id) == batch_id, col(Payment.state) == PaymentState.PENDING)
-                .limit(1)
+                select(Payment.id).where(col(Payment.batch_id) == batch_id, takeable).limit(1)
             ).first()
             if has_pending is None:
                 continue
@@ -70,70 +78,76 @@ def candidates(payment: Payment) -> list[str]:
         if not waiting:
             return own
         target = payment.batch_id if mine is not None and mine <= min(waiting)[0] else min(waiting)[2]
-        order = bulk_order.current()
-        if target == payment.batch_id and payment.state == PaymentState.PENDING and not order.by_score:
-            return own
-        # Another batch's turn, or this message's own row is gone (taken by another batch's turn), or the order is
-        # by score: the batch's first waiting rows in the bulk order (worker/bulk_order.py) go out instead. Under
-        # score, the next few too: workers racing for the best row must fall back on the next best, not on their
-        # own message's row (which may be the batch's worst).
-        first = session.exec(
-            select(Payment.id)
-            .where(col(Payment.batch_id) == target, col(Payment.state) == PaymentState.PENDING)
-            .order_by(*order.pending())
-            .limit(SCORE_CANDIDATES if order.by_score else 1)
+        if order.by_score:
+            best = _best_waiting(session, target)
+        else:
+            if target == payment.batch_id and payment.state == PaymentState.PENDING:
+                return own
+            # Another batch's turn, or this message's own row is gone (taken by another batch's turn): that
+            # batch's oldest PENDING row goes out instead.
+            first = session.exec(
+                select(Payment.id)
+                .where(col(Payment.batch_id) == target, col(Payment.state) == PaymentState.PENDING)
+                .order_by(*order.pending())
+                .limit(1)
+            ).all()
+            others = [row_id for row_id in first if row_id != payment.id]
+            return [*others, payment.id] if others else own
+    return _take_best(payment, best)
+
+
+def _best_waiting(session: Session, batch_id: str) -> list[tuple[str, PaymentState]]:
+    """Under BULK_ORDER=score: the batch's best waiting rows, PENDING or DEFERRED-and-releasable alike (due, or
+    waiting only for the bulk lane or the budget: worker.bulk_order.releasable), in the bulk order. One query per
+    state, each walking ix_payment_batch_order (batch_id, state, score) from the best score down, then merged."""
+    order = bulk_order.current()
+    due = (col(Payment.state) == PaymentState.DEFERRED) & (col(Payment.next_attempt_at) <= utcnow())
+    merged: list[tuple[float, datetime, str, PaymentState]] = []
+    for state, condition in (
+        (PaymentState.PENDING, col(Payment.state) == PaymentState.PENDING),
+        (PaymentState.DEFERRED, (col(Payment.state) == PaymentState.DEFERRED) & order.releasable(due)),
+    ):
+        rows = session.exec(
+            select(Payment.id, Payment.score, Payment.created_at)
+            .where(col(Payment.batch_id) == batch_id, condition)
+            .order_by(*order.waiting())
+            .limit(SCORE_CANDIDATES)
         ).all()
-        better = _better_waiting(session, target, first[0] if first else None) if order.by_score else None
-    if better is not None and _swap_in(payment, better):
-        return [better, *[row_id for row_id in first if row_id != payment.id]]
-    best = [row_id for row_id in first if row_id != payment.id]
-    if payment.id in first[:1]:
-        return own + best
-    return [*best, payment.id] if best else own
+        # Batch rows all have a score (ingestion sets it, the migration gave older rows NO_HISTORY's).
+        merged += [
+            (-(NO_HISTORY if score is None else score), created, str(row_id), state)
+            for row_id, score, created in rows
+        ]
+    merged.sort(key=lambda row: (row[0], row[1]))
+    return [(row_id, state) for _, _, row_id, state in merged[:SCORE_CANDIDATES]]
 
 
-# Rows deferred only because the bulk lane or the budget was full: their due time is a retry hint, not a rule.
-_LANE_WAITS = (RefusalReason.BULK_LANE_FULL, RefusalReason.ACCOUNT_BUDGET)
+def _take_best(payment: Payment, best: list[tuple[str, PaymentState]]) -> list[str]:
+    """Under BULK_ORDER=score a bulk message sends the best waiting row of its turn's batch, whether that row is
+    PENDING or waits DEFERRED (refused while the lane or the budget was full, or due): rows refused for the lane
+    must not lose their place to worse rows that merely kept their messages, and workers racing for one row must
+    not fall back on worse ones (the loser asks again: worker.sending's turn rounds).
 
-
-def _better_waiting(session: Session, batch_id: str, best_pending: str | None) -> str | None:
-    """Under BULK_ORDER=score: the batch's best row deferred only for the lane or the budget, when it scores above
-    its best PENDING row (a row refused while the lane was full must not lose its place to worse rows that merely
-    kept their messages)."""
-    reasons = [guard_refusal_reason(reason) for reason in _LANE_WAITS]
-    row = session.exec(
-        select(Payment.id, Payment.score)
-        .where(col(Payment.batch_id) == batch_id, col(Payment.state) == PaymentState.DEFERRED)
-        .where(col(Payment.reason).in_(reasons))
-        .order_by(*bulk_order.current().waiting())
-        .limit(1)
-    ).first()
-    if row is None:
-        return None
-    if best_pending is not None:
-        pending_score = session.exec(select(Payment.score).where(col(Payment.id) == best_pending)).first()
-        if pending_score is not None and (row[1] is None or row[1] <= pending_score):
-            return None
-    return str(row[0])
-
-
-def _swap_in(payment: Payment, better: str) -> bool:
-    """The better deferred row goes back to PENDING with a message of its own, and this message's own row, if still
-    PENDING, waits in its place (PENDING -> DEFERRED, due at once, for the dispatcher). This message then tries the
-    better row first; whoever claims it, no PENDING row is left without a message (a spare message finds nothing
-    to claim, which is harmless). Each step is a conditional transition: a crash between them leaves a DEFERRED
-    row (released by the dispatcher) or a PENDING row not yet queued (queued by `requeue_stale_pending`)."""
+    A DEFERRED row is taken by one conditional DEFERRED -> PENDING transition (whoever moves it, or claims it
+    once moved, sends it: either way the best row goes out). When the row taken is not the message's own, its own
+    row, if still PENDING, waits DEFERRED in the pool (due at once): it lost its message, and the dispatcher or
+    the next bulk message sends it in its turn. Each step is one conditional transition; a crash between them
+    leaves a PENDING row the next bulk message takes (or `requeue_stale_pending` queues) or a DEFERRED row the
+    dispatcher releases."""
     engine = runtime.engine()
-    reason = guard_refusal_reason(RefusalReason.BULK_LANE_FULL)
-    transition(
-        engine,
-        payment.id,
-        [PaymentState.PENDING],
-        PaymentState.DEFERRED,
-        reason=reason,
-        next_attempt_at=utcnow(),
-    )
-    moved = transition(engine, better, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=None)
-    if moved:
-        publish_payment(better, queue="bulk")
-    return moved
+    for row_id, state in best:
+        if state == PaymentState.DEFERRED and not transition(
+            engine, row_id, [PaymentState.DEFERRED], PaymentState.PENDING, queued_at=utcnow()
+        ):
+            continue  # taken by another worker meanwhile: the next best
+        if row_id != payment.id:
+            transition(
+                engine,
+                payment.id,
+                [PaymentState.PENDING],
+                PaymentState.DEFERRED,
+                reason=guard_refusal_reason(RefusalReason.BULK_LANE_FULL),
+                next_attempt_at=utcnow(),
+            )
+        return [row_id]
+    return [payment.id]

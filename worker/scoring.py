@@ -6,8 +6,9 @@ a failure taken back by a late success counts as a success; a request UpesiPay r
 is left out), weight w = 0.5 ** (age / HALF_LIFE_DAYS):
 
     S = sum of w over successes
-    F = sum of w over failures, a cancellation counting CANCELLED_WEIGHT (the number is reachable and its owner
-        answers; a prompt nobody answers counts fully)
+    F = sum of w over failures, a cancellation counting CANCELLED_WEIGHT = 0.25 (the number is reachable and its
+        owner answers; a prompt nobody answers counts fully: with two payments beside it, one cancellation a
+        month ago must rank above one unanswered prompt three months ago)
     score = (PRIOR_SUCCESSES + S) / (PRIOR_SUCCESSES + PRIOR_FAILURES + S + F)
 
 A Beta(1, 1) prior: a number without history scores 0.5 and sits between those that paid and those that did not.
@@ -35,7 +36,7 @@ __all__ = ["NO_HISTORY", "History", "score_of", "scores_for"]
 PRIOR_SUCCESSES = 1.0
 PRIOR_FAILURES = 1.0
 HALF_LIFE_DAYS = 90.0
-CANCELLED_WEIGHT = 0.5
+CANCELLED_WEIGHT = 0.25
 STREAK_LAST = 2
 RECENT_CANCEL_DAYS = 7.0
 # Outcomes older than this are not read at all (their weight is below 6%).

@@ -14,6 +14,7 @@ from tests.unit import test_sending
 from tests.unit.test_sending import Provider, new_payment, reload
 from worker import bulk_order, dispatch, forecast, reprompts, runtime, scoring
 from worker.attempts import attempts_of
+from worker.guard import RefusalReason
 from worker.ledger import (
     AttemptOutcome,
     Batch,
@@ -156,7 +157,40 @@ def test_a_bulk_message_sends_its_batchs_best_scored_pending_row(provider: Provi
     low, high = batch_row(batch_id, 1, 0.1), batch_row(batch_id, 2, 0.8)
     assert send_payment(low.id) == (SendResult.ACCEPTED, None)
     assert reload(high).state == PaymentState.AWAITING_CALLBACK
-    assert reload(low).state == PaymentState.PENDING  # its own message's turn went to the likelier payer
+    # Its own message's turn went to the likelier payer: the row waits in the pool, due at once, for the dispatcher
+    # or the next bulk message.
+    low = reload(low)
+    assert low.state == PaymentState.DEFERRED and low.next_attempt_at is not None
+    assert low.next_attempt_at.replace(tzinfo=UTC) <= utcnow()
+
+
+def test_a_better_row_deferred_for_the_lane_goes_before_worse_pending_rows(provider: Provider) -> None:
+    batch_id = new_batch()
+    low, middle, high = (batch_row(batch_id, n, score) for n, score in ((1, 0.1), (2, 0.4), (3, 0.8)))
+    later = utcnow() + timedelta(seconds=60)
+    # Refused while the lane was full (its due time only a retry hint), and a better one waiting for a real reason.
+    mark(
+        runtime.engine(),
+        middle.id,
+        state=PaymentState.DEFERRED,
+        reason=dispatch.guard_refusal_reason(RefusalReason.BULK_LANE_FULL),
+        next_attempt_at=later,
+    )
+    mark(
+        runtime.engine(),
+        high.id,
+        state=PaymentState.DEFERRED,
+        reason="guard: phone_busy",
+        next_attempt_at=later,
+    )
+    assert send_payment(low.id) == (SendResult.ACCEPTED, None)
+    assert reload(middle).state == PaymentState.AWAITING_CALLBACK
+    assert reload(high).state == PaymentState.DEFERRED  # not due: never taken early
+    assert reload(low).state == PaymentState.DEFERRED
+    # The next message (the dispatcher's release of the low row) sends the best row left that may go now.
+    mark(runtime.engine(), low.id, state=PaymentState.PENDING)
+    assert send_payment(low.id) == (SendResult.ACCEPTED, None)
+    assert reload(low).state == PaymentState.AWAITING_CALLBACK
 
 
 def sent_row(batch_id: str, n: int = 1) -> Payment:
