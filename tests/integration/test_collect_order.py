@@ -200,15 +200,16 @@ def test_a_steady_batchs_forecast_finish_is_within_a_quarter_of_the_actual(
     redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     window_s, rows = 10, 40
-    # Every other row cancels: a steady 50% failure rate; 8 failures per 10 s window for the bulk lane. The 20
-    # failures fill two windows and half of a third: a rate estimate off by a few points still ends in the third
-    # (with 24, the budget's multiple, it would fall either side of a whole window's wait).
+    # Every other row cancels: a steady 50% failure rate; 9 failures per 10 s window for the bulk lane. The 20
+    # failures fill two windows and a little of a third, and any total from 19 to 27 ends in the third: the rate
+    # estimate after the first window (9 failures of 14 to 20 outcomes) stays inside that. (With a total at the
+    # budget's multiple, a rate off by a point would move the finish by a whole window's wait.)
     phones = {f"07130000{n:02d}": ("cancelled" if n % 2 else "success") for n in range(rows)}
     scenario = {"seed": 13, "callback_delay_s": 0.3, "default": "success", "phones": phones}
     env = {
         "BULK_ORDER": "fifo",
         "ACCOUNT_WINDOW_S": str(window_s),
-        "ACCOUNT_FAILURE_LIMIT": "10",
+        "ACCOUNT_FAILURE_LIMIT": "11",
         "INTERACTIVE_RESERVE": "2",
         "BULK_MAX_INFLIGHT": "4",
         "BATCH_PAUSE_OUTCOMES": "0",  # a steady 50% is not a batch going wrong: the brake stays out of it
@@ -224,6 +225,7 @@ def test_a_steady_batchs_forecast_finish_is_within_a_quarter_of_the_actual(
         batch_file = tmp_path / "steady.csv"
         batch_file.write_text(HEADER + "".join(f"ST-{n:02d},{phone},10\n" for n, phone in enumerate(phones)))
         report = ingest_batch(batch_file)
+        started = utcnow()
         settings = runtime.settings()
         deadline = time.monotonic() + 240
         predicted: datetime | None = None
@@ -248,6 +250,8 @@ def test_a_steady_batchs_forecast_finish_is_within_a_quarter_of_the_actual(
         assert predicted is not None and made_at is not None
         actual_s = (finished - made_at).total_seconds()
         error_s = abs((predicted - finished).total_seconds())
-        assert actual_s > 1.5 * window_s  # the budget, not the pace, set the finish (the pace alone: ~4 s)
+        # The budget, not the pace, set the finish (the pace alone: ~4 s). The forecast may come only in the second
+        # window, when the first one's outcomes were slow: its error is then held to a quarter of a shorter time.
+        assert (finished - started).total_seconds() > 1.5 * window_s
         assert error_s <= 0.25 * actual_s, (predicted, finished, actual_s, made_with)
         assert stack.sandbox_stats()["rule_triggers_total"] == 0
