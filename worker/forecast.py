@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select
 from sqlmodel import col
 
-from worker import runtime
+from worker import runtime, scoring
 from worker.accounts import UnknownAccount
 from worker.ledger import (
     WAITING_STATES,
@@ -41,7 +41,6 @@ from worker.ledger import (
     SendAttempt,
     utcnow,
 )
-from worker.scoring import NO_HISTORY
 from worker.settings import Settings
 
 __all__ = ["BatchForecast", "BudgetForecast", "batch_forecast", "budget_forecast", "project_finish"]
@@ -66,12 +65,8 @@ def _aware(moment: datetime) -> datetime:
 
 
 def _expected_failure(score: float | None) -> float:
-    """A row's chance to fail by its score (worker/scoring.py): a score in the band below the others has had 1
-    taken off; a row without one is a number without history."""
-    if score is None:
-        return 1.0 - NO_HISTORY
-    chance = score + 1.0 if score < 0 else score
-    return min(max(1.0 - chance, 0.0), 1.0)
+    """A row's chance to fail by its stored score (worker/scoring.py)."""
+    return 1.0 - scoring.chance_to_pay(score)
 
 
 def _score_band(expected_failure: float) -> int:

@@ -13,7 +13,8 @@ is left out), weight w = 0.5 ** (age / HALF_LIFE_DAYS):
 
 A Beta(1, 1) prior: a number without history scores 0.5 and sits between those that paid and those that did not.
 A number with a current streak (STREAK_LAST failures or more since its last success) or a cancellation in the
-last RECENT_CANCEL_DAYS is moved below every other: its score has 1 taken off (so it lies in [-1, 0)).
+last RECENT_CANCEL_DAYS is moved below every other: its score has BAND_OFFSET (1) taken off (so it lies in
+[-1, 0)); `chance_to_pay` adds it back.
 
 Everything is read in one query per chunk of numbers; no phone leaves this module: callers get scores keyed by
 the phone they passed, and store the score on the row (Payment.score), never next to an unmasked phone.
@@ -31,13 +32,15 @@ from sqlmodel import col
 
 from worker.ledger import AttemptOutcome, Payment, PaymentState, SendAttempt, utcnow
 
-__all__ = ["NO_HISTORY", "History", "score_of", "scores_for"]
+__all__ = ["NO_HISTORY", "History", "chance_to_pay", "score_of", "scores_for"]
 
 PRIOR_SUCCESSES = 1.0
 PRIOR_FAILURES = 1.0
 HALF_LIFE_DAYS = 90.0
 CANCELLED_WEIGHT = 0.25
 STREAK_LAST = 2
+# Taken off the score of a number with a current streak or a recent cancellation: below every other number.
+BAND_OFFSET = 1.0
 RECENT_CANCEL_DAYS = 7.0
 # Outcomes older than this are not read at all (their weight is below 6%).
 LOOKBACK_DAYS = 365
@@ -75,8 +78,16 @@ def score_of(history: History, now: datetime) -> float:
             recent_cancel = recent_cancel or (cancelled and age_days <= RECENT_CANCEL_DAYS)
     score = (PRIOR_SUCCESSES + successes) / (PRIOR_SUCCESSES + PRIOR_FAILURES + successes + failures)
     if streak >= STREAK_LAST or recent_cancel:
-        score -= 1.0
+        score -= BAND_OFFSET
     return score
+
+
+def chance_to_pay(score: float | None) -> float:
+    """The formula's estimate itself, in [0, 1], of a stored score: the band below has BAND_OFFSET added back;
+    a row without a score is a number without history."""
+    if score is None:
+        return NO_HISTORY
+    return min(max(score + BAND_OFFSET if score < 0 else score, 0.0), 1.0)
 
 
 def scores_for(
